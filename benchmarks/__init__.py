@@ -1,0 +1,1 @@
+"""penwatch benchmarks: ratios measured in one run (`make bench`), never in unit tests."""

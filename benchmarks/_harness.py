@@ -1,0 +1,61 @@
+"""Shared timing helpers and the report every benchmark writes its ratios to.
+
+Timings always end with ``jax.block_until_ready`` (see JAX's async-dispatch docs), are
+repeated, and are summarized by their median.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+def time_call(fn: Callable[[], Any], *, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time in seconds of ``fn()`` with its outputs made ready."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    value: float
+    unit: str
+    bar: str = ""
+    passed: bool | None = None
+
+
+@dataclasses.dataclass
+class Report:
+    """Rows printed as one table at the end of ``make bench``."""
+
+    rows: list[Row] = dataclasses.field(default_factory=list)
+
+    def add(
+        self, name: str, value: float, *, unit: str = "x", bar: str = "", passed: bool | None = None
+    ) -> None:
+        self.rows.append(Row(name, value, unit, bar, passed))
+        verdict = "" if passed is None else ("  PASS" if passed else "  FAIL")
+        print(f"  {name}: {value:.3f}{unit}  {bar}{verdict}", flush=True)
+
+    @property
+    def failed(self) -> list[Row]:
+        return [r for r in self.rows if r.passed is False]
+
+    def markdown(self) -> str:
+        lines = ["| measurement | median | bar | verdict |", "|---|---|---|---|"]
+        for r in self.rows:
+            verdict = "" if r.passed is None else ("pass" if r.passed else "FAIL")
+            lines.append(f"| {r.name} | {r.value:.3f}{r.unit} | {r.bar} | {verdict} |")
+        return "\n".join(lines)
