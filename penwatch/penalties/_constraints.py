@@ -1,0 +1,210 @@
+"""Structural constraints: orthogonality of representations, consistency of pairs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from penwatch import _checks
+from penwatch.penalties import _common, _divergences
+
+ORTHOGONALITY_MODES = ("soft", "hard", "spectral")
+ORTHOGONALITY_AXES = ("rows", "sequence", "vocabulary")
+CONSISTENCY_METRICS = ("mse", "l1", "cosine", "kl")
+
+
+def orthogonality_matrix(x: jax.Array, axis: str) -> jax.Array:
+    """The matrix ``M`` whose rows are decorrelated, per SPEC's axis rules.
+
+    1-D: one row ``[1, d]``. 2-D: ``rows``/``sequence`` as is, ``vocabulary`` transposed.
+    3-D ``[batch, seq, dim]``: ``rows`` → ``[batch*seq, dim]``, ``sequence`` →
+    ``[seq, batch*dim]``, ``vocabulary`` → ``[dim, batch*seq]``. Higher ranks: all but
+    the last axis are flattened first, then the 2-D rules apply.
+    """
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim == 3:
+        b, s, d = x.shape
+        if axis == "rows":
+            return x.reshape(b * s, d)
+        if axis == "sequence":
+            return jnp.transpose(x, (1, 0, 2)).reshape(s, b * d)
+        return x.reshape(b * s, d).T
+    if x.ndim > 3:
+        x = x.reshape(-1, x.shape[-1])
+    return x.T if axis == "vocabulary" else x
+
+
+def normalize_rows(m: jax.Array) -> jax.Array:
+    """``m_i / max(‖m_i‖, 1e-8)``; an exactly-zero row stays 0 with a zero gradient."""
+    norm = _common.floored_norm(m, axis=-1, keepdims=True)
+    nonzero = jnp.any(m != 0, axis=-1, keepdims=True)
+    return jnp.where(nonzero, m / norm, 0.0)
+
+
+@jax.custom_jvp
+def spectral_deviation(gram: jax.Array) -> jax.Array:
+    """``max_i (λ_i(K) - 1)²`` for a symmetric ``K``, via ``eigh``, with a safe JVP.
+
+    The JVP is ``2 (λ_k - 1) v_kᵀ dK v_k`` for the maximizing index ``k`` (Danskin /
+    Hellmann-Feynman): no division by eigenvalue gaps, so it is finite at repeated
+    eigenvalues (a valid subgradient at ties) and 0 at the optimum ``K = I``.
+    """
+    w = jnp.linalg.eigvalsh(gram)
+    return jnp.max((w - 1.0) ** 2, axis=-1)
+
+
+@spectral_deviation.defjvp
+def _spectral_deviation_jvp(primals, tangents):
+    (gram,), (dgram,) = primals, tangents
+    w, v = jnp.linalg.eigh(gram)
+    dev = (w - 1.0) ** 2
+    k = jnp.argmax(dev, axis=-1)
+    vk = jnp.take_along_axis(v, k[..., None, None], axis=-1)[..., 0]
+    wk = jnp.take_along_axis(w, k[..., None], axis=-1)[..., 0]
+    dlam = jnp.einsum("...i,...ij,...j->...", vk, dgram, vk)
+    return jnp.max(dev, axis=-1), 2.0 * (wk - 1.0) * dlam
+
+
+def orthogonality(
+    x: ArrayLike, *, mode: str = "soft", normalize: bool = True, axis: str = "rows"
+) -> jax.Array:
+    r"""Orthogonality (decorrelation) penalty on the rows of a matrix built from ``x``.
+
+    With ``M`` the matrix described below, optionally with L2-normalized rows
+    (norm floor ``1e-8``), and ``G = M Mᵀ``:
+
+    .. math::
+      \mathrm{soft} = \sum_{i \ne j} G_{ij}^2, \quad
+      \mathrm{hard} = \|G - I\|_F^2, \quad
+      \mathrm{spectral} = \max_i (\lambda_i(G) - 1)^2
+
+    ``spectral`` is the squared spectral norm of ``G - I``: 0 exactly when every singular
+    value of ``M`` is 1. It is computed exactly with a symmetric eigensolver
+    (``jnp.linalg.eigh``, in float32 for 16-bit inputs) on the smaller of the two Gram
+    matrices ``M Mᵀ`` (n×n) and ``Mᵀ M`` (d×d), which share their non-zero eigenvalues;
+    when ``n > d``, ``G`` also has the eigenvalue 0, which contributes 1. Its gradient
+    is ``2 (λ_k - 1) v_kᵀ dG v_k`` for the maximizing eigenpair (a custom JVP), finite
+    everywhere, including at ``G = I`` (where it is 0) and at repeated eigenvalues
+    (first order: second derivatives go through the eigenvectors and are not finite at ties).
+
+    Axis (how ``M`` is built): for a 3-D ``[batch, seq, dim]`` input ``rows`` →
+    ``[batch*seq, dim]``, ``sequence`` → ``[seq, batch*dim]`` (decorrelate positions),
+    ``vocabulary`` → ``[dim, batch*seq]`` (decorrelate dimensions). For 2-D input
+    ``rows``/``sequence`` use it as is and ``vocabulary`` transposes it. A 1-D input is
+    one row. Higher ranks: all but the last axis are flattened, then the 2-D rules apply.
+
+    An exactly-zero row stays zero after normalization and gets a zero gradient.
+
+    Args:
+      x: array of rank >= 1.
+      mode: ``"soft"`` (default), ``"hard"`` or ``"spectral"``.
+      normalize: L2-normalize the rows of ``M`` first (default ``True``).
+      axis: ``"rows"`` (default), ``"sequence"`` or ``"vocabulary"``.
+
+    Returns:
+      A scalar in ``x``'s floating dtype.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from penwatch.penalties import orthogonality
+      >>> float(orthogonality(jnp.eye(3)))
+      0.0
+      >>> round(float(orthogonality(jnp.array([[1.0, 0.0], [1.0, 1.0]]))), 4)
+      1.0
+
+    References:
+      Bansal, Chen and Wang, *Can We Gain More from Orthogonality Regularizations in
+      Training Deep CNNs?*, 2018.
+    """
+    fn = "penwatch.orthogonality"
+    mode = _checks.check_choice(fn, "mode", mode, ORTHOGONALITY_MODES)
+    normalize = _checks.check_bool(fn, "normalize", normalize)
+    axis = _checks.check_choice(fn, "axis", axis, ORTHOGONALITY_AXES)
+    x = _common.as_float(fn, "x", x)
+    _checks.check_ndim(fn, "x", x, min_ndim=1)
+    m = orthogonality_matrix(_common.upcast(x), axis)
+    if normalize:
+        m = normalize_rows(m)
+    n, d = m.shape
+    if mode == "spectral":
+        gram = m @ m.T if n <= d else m.T @ m
+        out = spectral_deviation(gram)
+        if n > d:
+            out = jnp.maximum(out, 1.0)
+        return out.astype(x.dtype)
+    g = m @ m.T
+    eye = jnp.eye(n, dtype=g.dtype)
+    target = g * (1.0 - eye) if mode == "soft" else g - eye
+    out = jnp.sum(target**2)
+    return out.astype(x.dtype)
+
+
+def consistency(
+    a: ArrayLike, b: ArrayLike, *, metric: str = "mse", reduction: str = "mean"
+) -> jax.Array:
+    r"""Consistency penalty between paired outputs ``a`` and ``b`` (same shape).
+
+    .. math::
+      \mathrm{mse} = \mathrm{reduce}((a-b)^2), \quad
+      \mathrm{l1} = \mathrm{reduce}(|a-b|), \quad
+      \mathrm{cosine} = \mathrm{reduce}_i\Big(1 - \frac{a_i \cdot b_i}
+        {\max(\|a_i\|, 10^{-8}) \max(\|b_i\|, 10^{-8})}\Big)
+
+    ``mse``/``l1`` are element-wise; ``cosine`` works per row over the last axis (a 1-D
+    input is one row; an exactly-zero vector has cosine 0 and a zero gradient);
+    ``kl`` is the symmetric KL of log-probabilities per row with the masking and
+    clipping of :func:`kl_divergence`.
+
+    Args:
+      a: array of rank >= 1 (log-probabilities for ``metric="kl"``).
+      b: array of the same shape.
+      metric: ``"mse"`` (default), ``"l1"``, ``"cosine"`` or ``"kl"``.
+      reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (element-wise values for
+        ``mse``/``l1``, per-row values for ``cosine``/``kl``).
+
+    Returns:
+      A scalar (or the unreduced values) in the inputs' floating dtype.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from penwatch.penalties import consistency
+      >>> float(consistency(jnp.array([1.0, 2.0]), jnp.array([1.0, 4.0])))
+      2.0
+      >>> float(consistency(jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]), metric="cosine"))
+      1.0
+
+    References:
+      Sajjadi, Javanmardi and Tasdizen, *Regularization With Stochastic Transformations
+      and Perturbations for Deep Semi-Supervised Learning*, 2016.
+    """
+    fn = "penwatch.consistency"
+    metric = _checks.check_choice(fn, "metric", metric, CONSISTENCY_METRICS)
+    reduction = _common.check_reduction(fn, reduction)
+    a = _common.as_float(fn, "a", a)
+    b = _common.as_float(fn, "b", b)
+    _checks.check_same_shape(fn, "a", a, "b", b)
+    if metric in ("cosine", "kl"):
+        _checks.check_ndim(fn, "a", a, min_ndim=1)
+    dtype = jnp.result_type(a.dtype, b.dtype)
+    a = _common.upcast(a.astype(dtype))
+    b = _common.upcast(b.astype(dtype))
+    if metric == "mse":
+        values = (a - b) ** 2
+    elif metric == "l1":
+        values = _common.abs_(a - b)
+    elif metric == "cosine":
+        values = 1.0 - cosine_rows(a, b)
+    else:
+        values = 0.5 * (_divergences.kl_rows(a, b) + _divergences.kl_rows(b, a))
+    return _common.reduce(values, reduction).astype(dtype)
+
+
+def cosine_rows(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Per-row cosine similarity with norm floors; 0 (zero gradient) for zero vectors."""
+    na = _common.floored_norm(a, axis=-1)
+    nb = _common.floored_norm(b, axis=-1)
+    nonzero = jnp.any(a != 0, axis=-1) & jnp.any(b != 0, axis=-1)
+    cos = jnp.sum(a * b, axis=-1) / (na * nb)
+    return jnp.where(nonzero, cos, 0.0)
