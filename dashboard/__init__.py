@@ -1,0 +1,1 @@
+"""The penwatch Streamlit dashboard: app, data sources, chart builders."""

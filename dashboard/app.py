@@ -1,0 +1,224 @@
+"""penwatch live dashboard: ``streamlit run dashboard/app.py [-- --db PATH]``.
+
+Reads a penwatch SQLite store (default; ``--db`` or ``PENWATCH_DB``) or a Prometheus
+server (``--prometheus URL`` or ``PENWATCH_PROMETHEUS_URL``) and refreshes itself every
+few seconds (``--refresh`` / ``PENWATCH_REFRESH_SECONDS``) with ``st.fragment``, reading
+only what is new. It never creates metrics, tracers or writers: Streamlit re-runs this
+script top to bottom, and all state lives in the per-session source.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import sys
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import streamlit as st  # noqa: E402
+
+from dashboard import charts, sources  # noqa: E402
+from dashboard._snapshot import age  # noqa: E402
+
+logger = logging.getLogger("penwatch.dashboard")
+
+st.set_page_config(page_title="penwatch", page_icon="📉", layout="wide")
+
+try:
+    CONFIG = sources.Config.from_env(sys.argv[1:])
+except ValueError as exc:
+    st.error(str(exc))
+    st.stop()
+
+
+def _fmt(value: float | None, spec: str = ".4g") -> str:
+    if value is None:
+        return "–"
+    return format(value, spec)
+
+
+def _duration(ms: float) -> str:
+    return f"{ms:.3g} ms" if ms < 1000 else f"{ms / 1000:.3g} s"
+
+
+def _headline(snap: sources.Snapshot) -> None:
+    h = snap.headline
+    cols = st.columns(6)
+    cols[0].metric("Step", "–" if h.step is None else f"{h.step:,}")
+    cols[1].metric("Base loss", _fmt(h.loss))
+    cols[2].metric("Total penalty", _fmt(h.total))
+    cols[3].metric(
+        "Penalty share of loss",
+        "–" if h.penalty_share is None else f"{100 * h.penalty_share:.1f} %",
+        help="|total penalty| / (|base loss| + |total penalty|) at the latest step",
+    )
+    cols[4].metric(
+        "Non-finite values", f"{h.nonfinite:,}", help="NaN/Inf metric values detected so far"
+    )
+    cols[5].metric("Open alerts", f"{h.open_alerts}", help=f"{h.alerts} fired in total")
+    where = "all processes" if snap.process is None else f"process {snap.process}"
+    sampling = (
+        "every step drawn" if snap.width == 1 else (f"downsampled: min–max per {snap.width} steps")
+    )
+    st.caption(
+        f"run **{snap.run}** · {where} · status **{h.status}** · last update "
+        f"{age(h.updated_at)} · {sampling}"
+    )
+
+
+def _warnings(snap: sources.Snapshot) -> dict[str, str]:
+    highlight = {}
+    for row in snap.terms.itertuples():
+        if row.status != "ok":
+            highlight[row.term] = row.status
+            if row.status == "dominating":
+                st.warning(
+                    f"**{row.term}** dominates the gradient: share "
+                    f"{row.grad_share:.2f} of the update (> 0.5)."
+                )
+            else:
+                st.warning(
+                    f"**{row.term}** conflicts with the task loss: cosine "
+                    f"{row.grad_cosine:.2f} to the base-loss gradient (< -0.5)."
+                )
+    for report in snap.reports[:1]:
+        first = report.get("nonfinite") or []
+        leaves = report.get("leaves") or []
+        if first:
+            f0 = first[0]
+            text = (
+                f"Non-finite at step {report['step']}: first offender `{f0['key']}` ({f0['kind']})"
+            )
+            if leaves:
+                text += "; leaves: " + ", ".join(
+                    f"`{lf['tree']}{lf['path']}` (nan {lf['nan_count']}, inf {lf['inf_count']})"
+                    for lf in leaves[:3]
+                )
+            st.error(text)
+    return highlight
+
+
+def _chart(chart: object, empty: str) -> None:
+    if chart is None:
+        st.info(empty)
+    else:
+        st.altair_chart(chart, width="stretch")
+
+
+def _views(snap: sources.Snapshot) -> None:
+    highlight = _warnings(snap)
+    left, right = st.columns([2, 1])
+    with left:
+        _chart(charts.contributions(snap.contributions, snap.width), "No penalties recorded yet.")
+    with right:
+        _chart(charts.shares(snap.shares), "No penalty shares yet.")
+    left, right = st.columns([2, 1])
+    with left:
+        _chart(
+            charts.losses(snap.losses, snap.nonfinite_steps, snap.width), "No loss recorded yet."
+        )
+    with right:
+        _chart(charts.durations(snap.durations), "No compute durations recorded yet.")
+        if snap.duration_summary:
+            d = snap.duration_summary
+            c = st.columns(3)
+            for col, q in zip(c, ("p50", "p90", "p99"), strict=True):
+                col.metric(
+                    f"{q} duration",
+                    _duration(d[q]),
+                    help=f"over the last {int(d['steps'])} recorded steps",
+                )
+    st.subheader("Gradients per term" if snap.grad_wrt == "params" else "Gradient norms")
+    if snap.grad_wrt is None:
+        st.info(
+            "No gradient diagnostics recorded (run them with the trainer's diagnostics, "
+            "or `track_grad_norms=True`)."
+        )
+    else:
+        cols = st.columns(3 if snap.grad_wrt == "params" else 1)
+        quantities = ("grad_norm", "grad_share", "grad_cosine")[: len(cols)]
+        for col, q in zip(cols, quantities, strict=True):
+            with col:
+                _chart(charts.grads(snap.grads, q, snap.width, highlight), f"No {q} yet.")
+        if snap.grad_wrt == "params":
+            left, right = st.columns([1, 2])
+            with left:
+                _chart(charts.terms(snap.terms), "No gradient shares yet.")
+            with right:
+                st.dataframe(snap.terms, hide_index=True, width="stretch")
+    st.subheader("Non-finite events and alerts")
+    if snap.events.empty:
+        st.success("No non-finite values and no alerts so far.")
+    else:
+        span = None
+        if len(snap.losses):
+            span = (float(snap.losses["step"].min()), float(snap.losses["step"].max()))
+        _chart(charts.timeline(snap.events, span), "")
+        recent = snap.events.sort_values("step", ascending=False).head(50)
+        st.dataframe(recent.drop(columns=["wall_time"]), hide_index=True, width="stretch")
+
+
+def _pick(runs: list[sources.RunChoice]) -> tuple[str, int | None]:
+    names = [r.name for r in runs]
+    if st.session_state.get("penwatch_run") not in names:
+        st.session_state["penwatch_run"] = names[0]
+    by_name = {r.name: r for r in runs}
+    left, right = st.columns([2, 1])
+    with left:
+        name = st.selectbox(
+            "Run",
+            names,
+            key="penwatch_run",
+            format_func=lambda n: f"{n} · {by_name[n].status} · step {by_name[n].last_step}",
+        )
+    process = None
+    procs = by_name[name].processes
+    if len(procs) > 1:
+        options = ["all processes", *[f"process {p}" for p in procs]]
+        with right:
+            choice = st.selectbox("Process", options, key="penwatch_process")
+        process = None if choice == "all processes" else int(choice.split()[-1])
+    return name, process
+
+
+@st.fragment(run_every=CONFIG.refresh_seconds)
+def live() -> None:
+    """The whole page body; Streamlit re-runs it every ``refresh_seconds``."""
+    source = sources.session_source(st.session_state, CONFIG)
+    try:
+        runs = source.runs()
+    except sources.SourceUnavailable as exc:
+        st.info(str(exc))
+        return
+    except Exception as exc:  # a store mid-write, a network error: say so, retry next tick
+        logger.warning("dashboard: reading %s failed: %s", source.label, exc)
+        st.warning(
+            f"Could not read {source.label} this time ({type(exc).__name__}: {exc}); retrying."
+        )
+        return
+    if not runs:
+        st.info(
+            f"{source.label} has no runs yet. Start one (`penwatch demo`); this page "
+            "refreshes by itself."
+        )
+        return
+    run, process = _pick(runs)
+    try:
+        snap = source.snapshot(run, process)
+    except Exception as exc:
+        logger.warning("dashboard: snapshot of %s failed: %s", run, exc, exc_info=True)
+        st.warning(f"Could not read run {run!r} this time ({type(exc).__name__}: {exc}); retrying.")
+        return
+    if snap.empty:
+        st.info(f"Run **{run}** has not recorded a step yet.")
+        return
+    _headline(snap)
+    _views(snap)
+
+
+st.title("penwatch · penalties while you train")
+_WHERE = f"Prometheus {CONFIG.prometheus}" if CONFIG.prometheus else f"SQLite store {CONFIG.db}"
+st.caption(f"Source: {_WHERE} · refreshing every {CONFIG.refresh_seconds:g} s")
+live()

@@ -1,0 +1,410 @@
+"""Batched, failure-tolerant writes to the SQLite run store.
+
+:class:`StoreWriter` buffers step records and events in memory and commits them in one
+transaction per flush (``flush()``, or automatically every ``batch_size`` records or
+``flush_interval`` seconds). A failed commit (read-only file, disk full, database locked,
+directory gone) is rolled back and raised as :class:`StoreUnavailableError`, and the
+records **stay buffered** for the next attempt. The buffer is bounded (``max_pending``):
+past the bound the oldest records are dropped, counted, logged once per outage, and a
+``store_records_dropped`` event saying what was lost is written when the store works again.
+
+A store file deleted while the writer runs is detected at the next flush (the path no
+longer exists or is a different file): the writer opens a fresh store at the same path
+(recreating the directory if needed), registers its runs again and writes a
+``store_recreated`` event; what was committed to the deleted file is gone with it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import sqlite3
+import time
+from typing import Any
+
+from penwatch.store._rows import ROLLUP_SQL, STEP_KEYS, key_parts, rollup_rows, step_row
+from penwatch.store._schema import (
+    StoreUnavailableError,
+    writer_connection,
+)
+from penwatch.telemetry._record import (
+    Event,
+    RunInfo,
+    StepRecord,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Lost:
+    """What the bounded buffer dropped for one run during an outage."""
+
+    steps: int = 0
+    events: int = 0
+    first_step: int | None = None
+    last_step: int | None = None
+
+    def add(self, step: int, *, is_event: bool) -> None:
+        if is_event:
+            self.events += 1
+        else:
+            self.steps += 1
+        self.first_step = step if self.first_step is None else min(self.first_step, step)
+        self.last_step = step if self.last_step is None else max(self.last_step, step)
+
+
+class StoreWriter:
+    """Writes runs, step records and events to a store file, in batches.
+
+    Not thread-safe: call it from one thread (the monitor's worker).
+
+    Args:
+      path: the store file (created with its directory when missing).
+      batch_size: commit automatically once this many records are buffered.
+      flush_interval: commit automatically when a record arrives this many seconds after
+        the last commit (so a live dashboard sees data within about this delay).
+      max_pending: most records (steps + events) kept while the store cannot be written;
+        beyond it the oldest are dropped and reported.
+      busy_timeout: seconds to wait for a lock held by another connection.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        batch_size: int = 512,
+        flush_interval: float = 0.5,
+        max_pending: int = 100_000,
+        busy_timeout: float = 5.0,
+    ) -> None:
+        for name, value in (("batch_size", batch_size), ("max_pending", max_pending)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"StoreWriter: {name} must be an int >= 1, got {value!r}")
+        for name, value in (("flush_interval", flush_interval), ("busy_timeout", busy_timeout)):
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"StoreWriter: {name} must be a finite number >= 0, got {value!r}")
+        self.path = pathlib.Path(path)
+        self.batch_size = batch_size
+        self.flush_interval = float(flush_interval)
+        self.max_pending = max_pending
+        self.busy_timeout = float(busy_timeout)
+        self._conn: sqlite3.Connection | None = None
+        self._file_id: tuple[int, int] | None = None
+        self._infos: dict[tuple[str, int], RunInfo] = {}
+        self._finished: dict[tuple[str, int], tuple[str, float]] = {}
+        self._run_ids: dict[tuple[str, int], int] = {}
+        self._series_ids: dict[tuple[int, str, str], int] = {}
+        self._pending: collections.deque[StepRecord | Event] = collections.deque()
+        self._pending_ids: set[int] = set()
+        self._lost: dict[tuple[str, int], _Lost] = {}
+        self._notes: list[Event] = []
+        self._last_flush = time.monotonic()
+        self._failing = False
+        self._lost_logged = False
+        self._last_step: dict[tuple[str, int], int] = {}
+        self.dropped = 0
+        """Records dropped because the buffer bound was hit (cumulative)."""
+        self.recreated = 0
+        """Times the store file vanished and was recreated."""
+
+    # --- buffering -------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Records buffered and not yet committed."""
+        return len(self._pending)
+
+    def open_run(self, info: RunInfo) -> None:
+        """Register a run (``status='running'``) and commit it now."""
+        self._infos[(info.run, info.process)] = info
+        self._finished.pop((info.run, info.process), None)
+        self.flush()
+
+    def finish_run(self, run: str, process: int = 0, *, status: str = "finished") -> None:
+        """Mark a run finished (or ``'failed'``) at the next flush."""
+        if status not in ("running", "finished", "failed"):
+            raise ValueError(
+                f"StoreWriter.finish_run: status must be 'running', 'finished' or 'failed', "
+                f"got {status!r}"
+            )
+        self._finished[(run, process)] = (status, time.time())
+
+    def add_step(self, record: StepRecord) -> None:
+        """Buffer one step record; commits when a batch is due (may raise, record kept).
+
+        Calling it again with the same record object (a retry) does not duplicate it.
+        """
+        self._add(record)
+
+    def add_event(self, event: Event) -> None:
+        """Buffer one event; commits when a batch is due (may raise, event kept)."""
+        self._add(event)
+
+    def _add(self, item: StepRecord | Event) -> None:
+        if id(item) not in self._pending_ids:
+            key = (item.run, item.process)
+            self._last_step[key] = max(item.step, self._last_step.get(key, item.step))
+            self._pending.append(item)
+            self._pending_ids.add(id(item))
+            while len(self._pending) > self.max_pending:
+                self._drop_oldest()
+        due = len(self._pending) >= self.batch_size or (
+            time.monotonic() - self._last_flush >= self.flush_interval
+        )
+        if due:
+            self.flush()
+
+    def _drop_oldest(self) -> None:
+        old = self._pending.popleft()
+        self._pending_ids.discard(id(old))
+        lost = self._lost.setdefault((old.run, old.process), _Lost())
+        lost.add(old.step, is_event=isinstance(old, Event))
+        if not self._lost_logged:
+            logger.warning(
+                "penwatch store %s: cannot write and %d records are buffered; dropping the "
+                "oldest (a 'store_records_dropped' event will say how many when it recovers)",
+                self.path,
+                self.max_pending,
+            )
+            self._lost_logged = True
+        self.dropped += 1
+
+    # --- committing ------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Commit everything buffered in one transaction.
+
+        Raises:
+          StoreUnavailableError: the store could not be written; nothing was lost, the
+            records stay buffered (up to ``max_pending``) for the next flush.
+        """
+        self._last_flush = time.monotonic()
+        batch = list(self._pending)
+        try:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._write_runs(conn)
+                self._write_notes(conn)
+                self._write_batch(conn, batch)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except (sqlite3.Error, OSError) as exc:
+            # Start the next try from a fresh connection: permissions, locks or the file
+            # itself may have changed, and ids assigned in the rolled-back transaction are void.
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            self._run_ids.clear()
+            self._series_ids.clear()
+            if not self._failing:
+                logger.warning("penwatch store %s: write failed (%s); will retry", self.path, exc)
+            self._failing = True
+            raise StoreUnavailableError(
+                f"penwatch store {str(self.path)!r}: write failed ({exc}); "
+                f"{len(self._pending)} records kept for retry, {self.dropped} dropped so far"
+            ) from exc
+        for _ in batch:
+            self._pending_ids.discard(id(self._pending.popleft()))
+        self._notes.clear()
+        self._finished.clear()
+        if self._failing:
+            logger.warning("penwatch store %s: writing again", self.path)
+        self._failing = False
+        self._lost_logged = False
+
+    def close(self) -> None:
+        """Commit what is buffered and close the file (raises like :meth:`flush`)."""
+        try:
+            self.flush()
+        finally:
+            if self._conn is not None and not self._pending:
+                self._conn.close()
+                self._conn = None
+
+    def _connection(self) -> sqlite3.Connection:
+        """The open connection, reopened when the file was deleted or replaced."""
+        if self._conn is not None:
+            try:
+                st = os.stat(self.path)
+                same = (st.st_dev, st.st_ino) == self._file_id
+            except FileNotFoundError:
+                same = False
+            if same:
+                return self._conn
+            logger.warning("penwatch store %s: file was deleted or replaced; recreating", self.path)
+            self._conn.close()
+            self._conn = None
+            self.recreated += 1
+            self._run_ids.clear()
+            self._series_ids.clear()
+            now = time.time()
+            for run, process in self._infos:
+                self._notes.append(
+                    Event(
+                        run,
+                        process,
+                        self._last_step.get((run, process), 0),
+                        now,
+                        "info",
+                        "store_recreated",
+                        f"the store file {self.path} was deleted or replaced while the "
+                        "run was writing; earlier records are not in this file",
+                        severity="warning",
+                    )
+                )
+        conn = writer_connection(self.path, busy_timeout=self.busy_timeout)
+        st = os.stat(self.path)
+        self._conn, self._file_id = conn, (st.st_dev, st.st_ino)
+        return conn
+
+    def _run_id(self, conn: sqlite3.Connection, run: str, process: int, wall: float) -> int:
+        key = (run, process)
+        run_id = self._run_ids.get(key)
+        if run_id is not None:
+            return run_id
+        info = self._infos.get(key)
+        started = info.started_at if info else wall
+        row = conn.execute(
+            "INSERT INTO runs (name, process, started_at, updated_at, status, version, backend,"
+            " devices, config, metrics_from) VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?,"
+            " (SELECT coalesce(max(id), 0) FROM metrics))"
+            " ON CONFLICT (name, process) DO UPDATE SET status = 'running', finished_at = NULL,"
+            " version = coalesce(excluded.version, version),"
+            " backend = coalesce(excluded.backend, backend),"
+            " devices = coalesce(excluded.devices, devices),"
+            " config = coalesce(excluded.config, config) RETURNING id",
+            (
+                run,
+                process,
+                started,
+                time.time(),
+                info.version if info else None,
+                info.backend if info else None,
+                info.devices if info else None,
+                json.dumps(dict(info.config), default=str) if info else None,
+            ),
+        ).fetchone()
+        self._run_ids[key] = row[0]
+        return row[0]
+
+    def _write_runs(self, conn: sqlite3.Connection) -> None:
+        for (run, process), info in self._infos.items():
+            self._run_id(conn, run, process, info.started_at)
+        for (run, process), (status, when) in self._finished.items():
+            run_id = self._run_id(conn, run, process, when)
+            conn.execute(
+                "UPDATE runs SET status = ?, finished_at = ?, updated_at = ? WHERE id = ?",
+                (status, when if status != "running" else None, when, run_id),
+            )
+
+    def _write_notes(self, conn: sqlite3.Connection) -> None:
+        for (run, process), lost in self._lost.items():
+            message = (
+                f"{lost.steps} step records and {lost.events} events (steps "
+                f"{lost.first_step}..{lost.last_step}) were dropped while the store could not "
+                f"be written (buffer bound {self.max_pending})"
+            )
+            self._notes.append(
+                Event(
+                    run,
+                    process,
+                    lost.last_step or 0,
+                    time.time(),
+                    "info",
+                    "store_records_dropped",
+                    message,
+                    severity="warning",
+                    attributes=dataclasses.asdict(lost),
+                )
+            )
+            logger.warning("penwatch store %s: %s (run %s/%d)", self.path, message, run, process)
+        self._lost.clear()
+        for note in self._notes:
+            self._insert_event(conn, note)
+
+    def _insert_event(self, conn: sqlite3.Connection, event: Event) -> None:
+        run_id = self._run_id(conn, event.run, event.process, event.wall_time)
+        conn.execute(
+            "INSERT INTO events (run_id, step, wall_time, kind, name, severity, message,"
+            " attributes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                run_id,
+                event.step,
+                event.wall_time,
+                event.kind,
+                event.name,
+                event.severity,
+                event.message,
+                json.dumps(dict(event.attributes), default=str, allow_nan=True),
+            ),
+        )
+
+    def _write_batch(self, conn: sqlite3.Connection, batch: list[StepRecord | Event]) -> None:
+        if not batch:
+            return
+        sids: list[int] = []
+        steps: list[int] = []
+        vals: list[float] = []
+        step_rows: list[tuple[Any, ...]] = []
+        last_step: dict[int, tuple[int, float]] = {}
+        for item in batch:
+            if isinstance(item, Event):
+                self._insert_event(conn, item)
+                continue
+            run_id = self._run_id(conn, item.run, item.process, item.wall_time)
+            row = step_row(run_id, item)
+            items = list(item.values.items())
+            items += [(k, v) for k, v in zip(STEP_KEYS, row[4:8], strict=True) if v is not None]
+            for key, value in items:
+                sid = self._series_ids.get((run_id, item.pipeline, key))
+                if sid is None:
+                    sid = self._series_id(conn, run_id, item, key)
+                sids.append(sid)
+                vals.append(value)
+            steps.extend([item.step] * len(items))
+            step_rows.append(row)
+            prev = last_step.get(run_id)
+            last_step[run_id] = (max(item.step, prev[0]) if prev else item.step, item.wall_time)
+        conn.executemany(
+            "INSERT INTO metrics (series_id, step, value) VALUES (?, ?, ?)",
+            zip(sids, steps, vals, strict=True),
+        )
+        conn.executemany(
+            "INSERT INTO steps (run_id, step, pipeline, wall_time, loss, total, duration_seconds,"
+            " nonfinite, trace_id, report) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            step_rows,
+        )
+        if sids:
+            conn.executemany(ROLLUP_SQL, rollup_rows(sids, steps, vals))
+        for run_id, (step, wall) in last_step.items():
+            conn.execute(
+                "UPDATE runs SET updated_at = max(updated_at, ?),"
+                " last_step = max(coalesce(last_step, ?), ?) WHERE id = ?",
+                (wall, step, step, run_id),
+            )
+
+    def _series_id(
+        self, conn: sqlite3.Connection, run_id: int, record: StepRecord, key: str
+    ) -> int:
+        name, quantity = key_parts(record, key)
+        conn.execute(
+            "INSERT OR IGNORE INTO series (run_id, pipeline, name, quantity, key)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (run_id, record.pipeline, name, quantity, key),
+        )
+        sid = conn.execute(
+            "SELECT id FROM series WHERE run_id = ? AND pipeline = ? AND key = ?",
+            (run_id, record.pipeline, key),
+        ).fetchone()[0]
+        self._series_ids[(run_id, record.pipeline, key)] = sid
+        return sid

@@ -1,0 +1,216 @@
+"""A real headless Chromium loads the running dashboard during a live training run.
+
+The live writer is ``penwatch demo --no-dashboard`` (E's CLI: a real instrumented JAX
+training run writing the SQLite store through the monitor). Chromium is Debian's
+``/usr/bin/chromium`` driven by Playwright; the test checks that the numbers and charts
+appear and that the step number increases between two reads, and saves a screenshot to
+``docs/dashboard.png``. Without Chromium it FAILS when ``CI=true`` and skips loudly
+otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOT = ROOT / "docs" / "dashboard.png"
+
+pytestmark = pytest.mark.integration
+
+
+def _require_browser():
+    missing = []
+    if not os.path.exists(CHROMIUM):
+        missing.append(f"{CHROMIUM} (Debian package 'chromium': `make system-deps` as root)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing.append("the playwright Python package (`pip install -e '.[dev]'`)")
+        sync_playwright = None
+    if missing:
+        message = "browser test cannot run: missing " + " and ".join(missing)
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip("LOUD SKIP (would fail in CI): " + message)
+    return sync_playwright
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def _step(page) -> int:
+    """The headline "Step" number (found by its label, not by position)."""
+    label = page.locator("[data-testid='stMetricLabel']", has_text=re.compile(r"^\s*Step\s*$"))
+    metric = page.locator("[data-testid='stMetric']", has=label).first
+    deadline = time.monotonic() + 30
+    while True:  # the element may be swapped by a refresh while we read it
+        try:
+            text = metric.locator("[data-testid='stMetricValue']").inner_text(timeout=3_000)
+            return int(re.sub(r"[^\d]", "", text))
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            page.wait_for_timeout(200)
+
+
+def test_live_dashboard_in_chromium(tmp_path):
+    sync_playwright = _require_browser()
+    db = tmp_path / "live.db"
+    env = dict(
+        os.environ,
+        PENWATCH_DB=str(db),
+        PENWATCH_REFRESH_SECONDS="1",
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+    )
+    penwatch = shutil.which("penwatch", path=str(pathlib.Path(sys.executable).parent))
+    assert penwatch, "the penwatch CLI is not installed in this environment"
+    logs = {n: open(tmp_path / f"{n}.log", "w") for n in ("demo", "app")}  # noqa: SIM115
+    demo = subprocess.Popen(
+        [
+            penwatch,
+            "demo",
+            "--no-dashboard",
+            "--db",
+            str(db),
+            "--run",
+            "browser-demo",
+            "--steps",
+            "5000",
+            "--step-delay",
+            "0.02",
+            "--metrics-port",
+            "0",
+            "--inject-nan-at",
+            "30",
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=logs["demo"],
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    port = _free_port()
+    app = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            str(ROOT / "dashboard" / "app.py"),
+            "--server.headless",
+            "true",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=logs["app"],
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1500, "height": 2350})
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    page.goto(f"http://127.0.0.1:{port}/", timeout=10_000)
+                    break
+                except Exception:
+                    assert app.poll() is None, (tmp_path / "app.log").read_text()
+                    assert time.monotonic() < deadline, "the dashboard never answered"
+                    time.sleep(0.3)
+            # numbers appear once the demo has written its first steps
+            page.wait_for_selector("[data-testid='stMetricValue']", timeout=90_000)
+            headline = [
+                "Step",
+                "Base loss",
+                "Total penalty",
+                "Penalty share of loss",
+                "Non-finite values",
+                "Open alerts",
+            ]
+            deadline = time.monotonic() + 60
+            while True:  # the page renders progressively: wait for the whole headline
+                labels = page.locator("[data-testid='stMetricLabel']").all_inner_texts()
+                if labels[:6] == headline:
+                    break
+                assert time.monotonic() < deadline, labels
+                page.wait_for_timeout(300)
+            first = _step(page)
+            deadline = time.monotonic() + 45
+            while (second := _step(page)) <= first or second < 60:
+                assert demo.poll() is None, (tmp_path / "demo.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, f"step stuck at {second}"
+                page.wait_for_timeout(500)
+            assert second > first
+            charts = page.locator("[data-testid='stVegaLiteChart']")
+            charts.nth(5).wait_for(timeout=30_000)
+            assert charts.count() >= 6
+            page.locator("canvas, svg").first.wait_for(timeout=10_000)
+            text = page.inner_text("body")
+            for title in (
+                "Weighted penalty contributions",
+                "Base loss and total penalty",
+                "Compute duration percentiles",
+                "Non-finite events and alerts",
+            ):
+                assert title in text
+            assert "Traceback" not in text
+            page.wait_for_timeout(1500)  # let the charts finish drawing
+            # take the picture between refreshes (no element faded as stale)
+            page.wait_for_function(
+                "() => !document.querySelector('[data-stale=\"true\"]')", timeout=10_000
+            )
+            page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+            browser.close()
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        shutil.copyfile(tmp_path / "dashboard.png", SCREENSHOT)
+        print(
+            f"live writer: penwatch demo; steps read {first} -> {second}; screenshot {SCREENSHOT}"
+        )
+    finally:
+        _stop(demo)
+        _stop(app)
+        for f in logs.values():
+            f.close()

@@ -1,0 +1,220 @@
+"""The SQLite run store: schema, writer/reader round trip, rollups, downsampling."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+
+from penwatch import store
+from penwatch.store._synthetic import synthetic_record, synthetic_run
+from penwatch.telemetry import Event, RunInfo
+
+
+def _info(run: str = "r", process: int = 0) -> RunInfo:
+    return RunInfo(run, process, "1.0", "cpu", 1, time.time(), config={"lr": 0.1})
+
+
+def _write(path, records, events=(), **kwargs) -> store.StoreWriter:
+    w = store.StoreWriter(path, **kwargs)
+    runs = {(r.run, r.process) for r in records}
+    for run, process in sorted(runs):
+        w.open_run(_info(run, process))
+    for r in records:
+        w.add_step(r)
+    for e in events:
+        w.add_event(e)
+    for run, process in runs:
+        w.finish_run(run, process)
+    w.close()
+    return w
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+def test_schema_created_with_version_and_wal(tmp_path):
+    path = tmp_path / "sub" / "s.db"
+    _write(path, [synthetic_record("r", 0)])
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("1",)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    assert {"runs", "steps", "series", "metrics", "rollups", "events", "metric_rows"} <= tables
+
+
+def test_newer_or_foreign_database_is_refused(tmp_path):
+    path = tmp_path / "s.db"
+    _write(path, [synthetic_record("r", 0)])
+    sqlite3.connect(path, isolation_level=None).execute(
+        "UPDATE meta SET value = '99' WHERE key = 'schema_version'"
+    )
+    with pytest.raises(store.StoreError, match="newer"):
+        store.StoreReader(path).runs()
+    other = tmp_path / "other.db"
+    sqlite3.connect(other, isolation_level=None).execute("CREATE TABLE t (x)")
+    with pytest.raises(store.StoreError, match="not a penwatch store"):
+        store.StoreReader(other).runs()
+
+
+def test_missing_file_raises_and_empty_file_reads_empty(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        store.StoreReader(tmp_path / "nope.db")
+    (tmp_path / "empty.db").touch()
+    assert store.StoreReader(tmp_path / "empty.db").runs() == []
+
+
+def test_round_trip_values_nan_inf_events_and_runs(tmp_path):
+    path = tmp_path / "s.db"
+    records = list(synthetic_run("r", 30, nan_at=(7,)))
+    event = Event(
+        "r",
+        0,
+        7,
+        time.time(),
+        "nonfinite",
+        "NonFinite",
+        "went NaN",
+        severity="critical",
+        attributes={"metrics": ["total"], "x": math.inf},
+    )
+    _write(path, records, [event])
+    reader = store.StoreReader(path)
+    stored = reader.records("r")
+    assert len(stored) == len(records)
+    for (step, pipeline, values), rec in zip(stored, records, strict=True):
+        assert (step, pipeline) == (rec.step, rec.pipeline)
+        assert values.keys() == rec.values.keys()
+        assert all(_same(values[k], rec.values[k]) for k in values)
+    assert math.isinf(stored[7][2]["loss"]) and math.isnan(stored[7][2]["total"])
+    (run,) = reader.runs()
+    assert (run.name, run.status, run.last_step, run.config) == ("r", "finished", 29, {"lr": 0.1})
+    (ev,) = reader.events([run.id])
+    assert (ev.kind, ev.name, ev.step, ev.attributes["metrics"]) == (
+        "nonfinite",
+        "NonFinite",
+        7,
+        ["total"],
+    )
+    steps = reader.steps([run.id])
+    assert steps["step"].tolist() == list(range(30))
+    assert steps["nonfinite"][7] == 4 and steps["nonfinite"].sum() == 4
+    assert np.isnan(steps["total"][7]) and np.isfinite(steps["duration_seconds"]).all()
+    (report,) = reader.step_reports([run.id])
+    assert report["step"] == 7 and report["nonfinite"][0]["key"] == "orthogonality"
+    names = {(s.key, s.name, s.quantity) for s in reader.series([run.id])}
+    assert ("l2_weighted", "l2", "weighted") in names
+    assert ("l2_param_grad_norm", "l2", "param_grad_norm") in names
+    assert ("l2_grad_norm", "l2", "grad_norm") in names
+    assert ("total", None, "total") in names and ("_loss", None, "_loss") in names
+
+
+def test_incremental_reads_return_only_new_rows(tmp_path):
+    path = tmp_path / "s.db"
+    w = store.StoreWriter(path, flush_interval=1e9)
+    w.open_run(_info())
+    reader = store.StoreReader(path)
+    run_id = reader.runs()[0].id
+    for r in synthetic_run("r", 10):
+        w.add_step(r)
+    w.flush()
+    first = reader.values([run_id])
+    steps = reader.steps([run_id])
+    assert first["id"].size == 10 * (len(synthetic_record("r", 0).values) + 4)
+    for r in synthetic_run("r", 5, start=10):
+        w.add_step(r)
+    w.flush()
+    new = reader.values([run_id], since_id=int(first["id"][-1]))
+    assert set(new["step"].tolist()) == set(range(10, 15))
+    more = reader.steps([run_id], since_id=int(steps["id"][-1]))
+    assert more["step"].tolist() == list(range(10, 15))
+    assert reader.steps([run_id], limit=3)["step"].tolist() == [12, 13, 14]
+    w.close()
+
+
+def test_rollups_equal_an_independent_numpy_aggregation(tmp_path):
+    path = tmp_path / "s.db"
+    # Several flushes, so buckets are merged across transactions; NaN, Inf and a spike.
+    records = list(
+        synthetic_run(
+            "r",
+            1500,
+            nan_at=(100, 700),
+            spike_at=(1234,),
+            penalties=("l1", "l2"),
+            diagnostics=False,
+        )
+    )
+    _write(path, records, batch_size=97)
+    reader = store.StoreReader(path)
+    run_id = reader.runs()[0].id
+    series = {s.key: s.id for s in reader.series([run_id])}
+    steps = np.array([r.step for r in records])
+    for key in ("loss", "l2_weighted", "total", "_duration_seconds"):
+        raw = np.array([r.values[key] if key[0] != "_" else r.duration_seconds for r in records])
+        for width in store.ROLLUP_WIDTHS[:3]:
+            got = reader.rollup(series[key], width=width)
+            buckets = np.unique(steps // width)
+            assert got["bucket"].tolist() == buckets.tolist()
+            for b, row in zip(buckets, got, strict=True):
+                v = raw[steps // width == b]
+                f = v[np.isfinite(v)]
+                assert row["n"] == v.size
+                assert row["n_nan"] == np.isnan(v).sum() and row["n_inf"] == np.isinf(v).sum()
+                if f.size:
+                    assert row["vmin"] == pytest.approx(f.min(), rel=1e-12)
+                    assert row["vmax"] == pytest.approx(f.max(), rel=1e-12)
+                    assert row["vsum"] == pytest.approx(f.sum(), rel=1e-9)
+                else:
+                    assert np.isnan(row["vmin"]) and np.isnan(row["vsum"])
+    spike = reader.rollup(series["loss"], width=512)
+    assert spike["vmax"].max() == pytest.approx(records[1234].values["loss"])
+
+
+def test_bucketize_combine_envelope_keep_spikes():
+    rng = np.random.default_rng(0)
+    steps = np.arange(200_000)
+    values = rng.normal(size=steps.size)
+    values[123_457] = 1e3
+    values[5] = np.nan
+    values[6] = -np.inf
+    width = store.choose_width(steps.size)
+    assert width == 512
+    b = store.bucketize(steps, values, width)
+    assert b.size == -(-steps.size // width)
+    x, y = store.envelope(b, width)
+    assert x.size == 2 * b.size and np.nanmax(y) == 1e3
+    assert b["n_nan"].sum() == 1 and b["n_inf"].sum() == 1 and b["n"].sum() == steps.size
+    # combining two halves (e.g. two processes) equals bucketing everything at once
+    halves = store.combine(
+        [
+            store.bucketize(steps[::2], values[::2], width),
+            store.bucketize(steps[1::2], values[1::2], width),
+        ]
+    )
+    for field in ("n", "n_nan", "n_inf", "step_lo", "step_hi"):
+        np.testing.assert_array_equal(halves[field], b[field])
+    for field in ("vmin", "vmax", "vsum"):
+        np.testing.assert_allclose(halves[field], b[field], rtol=1e-12)
+    np.testing.assert_allclose(
+        store.mean(b)[1:],
+        [np.mean(values[k * 512 : (k + 1) * 512]) for k in range(1, b.size)],
+        rtol=1e-9,
+    )
+
+
+def test_choose_width_and_validation():
+    assert store.choose_width(1000) == 1
+    assert store.choose_width(1001) == 8
+    assert store.choose_width(200_000) == 512
+    assert store.choose_width(10**12) == store.ROLLUP_WIDTHS[-1]
+    with pytest.raises(ValueError, match="max_buckets"):
+        store.choose_width(10, max_buckets=0)
+    with pytest.raises(ValueError, match="StoreWriter: batch_size"):
+        store.StoreWriter("x.db", batch_size=0)
+    with pytest.raises(ValueError, match=r"StoreReader\.rollup: width"):
+        store.StoreReader.rollup(None, 1, width=3)  # type: ignore[arg-type]
