@@ -94,6 +94,14 @@ class StepRecord:
       nonfinite: non-finite metrics, first offender first.
       leaves: non-finite parameter/gradient leaves, largest counts first.
       trace_id: the OpenTelemetry trace id of this step's span, when tracing is on.
+      kind: ``"train_step"`` (a train step's metrics) or ``"pipeline_compute"`` (a
+        pipeline's); selects the span name ``penwatch.train_step`` or
+        ``penwatch.pipeline.compute``.
+      dispatched_at_ns: Unix ns just before the step was dispatched (or when ``record``
+        was called, when the caller did not say).
+      ready_at_ns: Unix ns at which the worker saw the step's results ready.
+      dropped: cumulative records lost so far by reason (``queue_full``, ``sink_error``,
+        ...), a snapshot taken when this record was built.
     """
 
     run: str
@@ -109,6 +117,10 @@ class StepRecord:
     nonfinite: tuple[NonFinite, ...] = ()
     leaves: tuple[LeafReport, ...] = ()
     trace_id: int | None = None
+    kind: Literal["train_step", "pipeline_compute"] = "pipeline_compute"
+    dispatched_at_ns: int | None = None
+    ready_at_ns: int | None = None
+    dropped: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     def penalty(self, name: str) -> dict[str, float]:
         """Quantities recorded for one penalty, keyed by :data:`PENALTY_QUANTITIES`."""
@@ -132,6 +144,11 @@ class StepRecord:
     def ok(self) -> bool:
         """True when every metric is finite."""
         return not self.nonfinite
+
+    @property
+    def first_offender(self) -> NonFinite | None:
+        """The first non-finite metric in computation order, or None when all are finite."""
+        return self.nonfinite[0] if self.nonfinite else None
 
 
 @dataclasses.dataclass(frozen=True)

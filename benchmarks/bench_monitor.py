@@ -1,0 +1,162 @@
+"""Monitor overhead (SPEC section 9): an instrumented train step vs the same step bare.
+
+The step: penwatch's jitted ``build_train_step`` for an MLP ``256 -> 512 -> 512 -> 10``
+(tanh) on a batch of 256, Adam, a MultiPipeline of three penalties on the model
+(entropy of the predictions, output magnitude of the logits, orthogonality of the
+second layer's 512x512 weight) plus L1 and L2 parameter terms: five penalties, ~25
+metrics and the per-leaf NaN/Inf counts per step.
+
+Instrumented: every step's metrics go to ``monitor.record`` with Prometheus (serving
+``/metrics``), the SQLite store and OpenTelemetry (SDK ``TracerProvider`` with a
+``BatchSpanProcessor`` and an in-memory exporter). Each run is 200 steps, timed from the
+first dispatch until the last state is ready; bare and instrumented runs alternate
+(A/B/A/B...), and the median of the per-pair ratios must be <= 1.05. The process CPU
+time ratio (training plus telemetry threads, close included) is printed as well: on a
+shared machine it is a steadier view of what the telemetry costs. ``close()`` (which
+drains the queue and flushes every sink) must return within 0.5 s.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import penwatch as pw
+from benchmarks._harness import Report
+from penwatch.diagnostics import l1_term, l2_term
+
+STEPS, PAIRS = 200, 11
+D_IN, WIDTH, N_OUT, BATCH = 256, 512, 10, 256
+
+
+def _params(key: jax.Array) -> dict[str, Any]:
+    ks = jax.random.split(key, 3)
+    sizes = [(D_IN, WIDTH), (WIDTH, WIDTH), (WIDTH, N_OUT)]
+    return {
+        f"layer{i}": {"w": jax.random.normal(k, s) / np.sqrt(s[0]), "b": jnp.zeros(s[1])}
+        for i, (k, s) in enumerate(zip(ks, sizes, strict=True))
+    }
+
+
+def _apply(params: dict[str, Any], x: jax.Array) -> jax.Array:
+    h = jnp.tanh(x @ params["layer0"]["w"] + params["layer0"]["b"])
+    h = jnp.tanh(h @ params["layer1"]["w"] + params["layer1"]["b"])
+    return h @ params["layer2"]["w"] + params["layer2"]["b"]
+
+
+def _build() -> tuple[Any, Any]:
+    pipe = (
+        pw.MultiPipeline(name="bench")
+        .add("entropy", pw.entropy, inputs=("logprobs",), weight=0.01)
+        .add("output_magnitude", pw.output_magnitude_penalty, inputs=("logits",), weight=1e-3)
+        .add("orthogonality", pw.orthogonality, inputs=("hidden_w",), weight=1e-4)
+    )
+    return pw.build_train_step(
+        _apply,
+        optax.softmax_cross_entropy_with_integer_labels,
+        pipe,
+        optax.adam(1e-3),
+        penalty_on=lambda p, logits: {
+            "logits": logits,
+            "logprobs": jax.nn.log_softmax(logits),
+            "hidden_w": p["layer1"]["w"],
+        },
+        param_terms={"l1": l1_term(1e-6), "l2": l2_term(1e-5)},
+    )
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _bare(step_fn: Any, state: Any, batch: Any) -> tuple[float, float]:
+    cpu, start = _cpu(), time.perf_counter()
+    for _ in range(STEPS):
+        state, _ = step_fn(state, batch)
+    jax.block_until_ready(state)
+    return time.perf_counter() - start, _cpu() - cpu
+
+
+def _instrumented(
+    step_fn: Any, state: Any, batch: Any, db: str, run: str
+) -> tuple[float, float, float]:
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
+    monitor = pw.Monitor(
+        run,
+        sinks=[
+            pw.sinks.Prometheus(port=0),
+            pw.sinks.SQLite(db),
+            pw.sinks.OpenTelemetry(provider),
+        ],
+        alerts=[pw.alerts.NonFinite(), pw.alerts.LossSpike()],
+        max_queue=4096,
+    )
+    cpu, start = _cpu(), time.perf_counter()
+    for i in range(STEPS):
+        dispatched = time.time_ns()
+        state, metrics = step_fn(state, batch)
+        monitor.record(
+            i, metrics, loss=metrics["base_loss"], pipeline="bench", dispatched_at_ns=dispatched
+        )
+    jax.block_until_ready(state)
+    elapsed = time.perf_counter() - start
+    start = time.perf_counter()
+    monitor.close()
+    closing = time.perf_counter() - start
+    cpu = _cpu() - cpu  # including the worker's catching up in close()
+    provider.shutdown()
+    stats = monitor.stats
+    assert stats.processed == STEPS and not any(stats.sink_errors.values()), stats
+    return elapsed, closing, cpu
+
+
+def run(report: Report) -> None:
+    init_fn, step_fn = _build()
+    state = init_fn(_params(jax.random.PRNGKey(0)))
+    rng = np.random.default_rng(0)
+    batch = (
+        jnp.asarray(rng.normal(size=(BATCH, D_IN)), jnp.float32),
+        jnp.asarray(rng.integers(0, N_OUT, size=BATCH), jnp.int32),
+    )
+    jax.block_until_ready(step_fn(state, batch))  # compile
+    _bare(step_fn, state, batch)  # warm up both paths once
+    with tempfile.TemporaryDirectory() as tmp:
+        db = f"{tmp}/bench.db"
+        _instrumented(step_fn, state, batch, db, "warmup")
+        ratios, cpu_ratios, closes, bare_times = [], [], [], []
+        for pair in range(PAIRS):
+            bare, bare_cpu = _bare(step_fn, state, batch)
+            inst, closing, inst_cpu = _instrumented(step_fn, state, batch, db, f"pair{pair}")
+            ratios.append(inst / bare)
+            cpu_ratios.append(inst_cpu / bare_cpu)
+            closes.append(closing)
+            bare_times.append(bare)
+    step_ms = statistics.median(bare_times) / STEPS * 1e3
+    print(f"  bare step: {step_ms:.2f} ms; ratios {[round(r, 3) for r in ratios]}")
+    ratio = statistics.median(ratios)
+    report.add(
+        "monitor overhead (200 steps, Prometheus+SQLite+OTel, every metric every step)",
+        ratio,
+        bar="<= 1.05x",
+        passed=ratio <= 1.05,
+    )
+    report.add(
+        "monitor CPU time (process, incl. worker and close) / bare",
+        statistics.median(cpu_ratios),
+    )
+    worst_close = max(closes)
+    report.add("monitor close() incl. flush (worst run)", worst_close, unit="s", bar="<= 0.5 s",
+               passed=worst_close <= 0.5)  # fmt: skip

@@ -1,0 +1,116 @@
+"""``LossSpike``: a robust z-score of the loss (or any metric) over a recent window."""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from penwatch import _checks
+from penwatch.alerts._base import Alert, Episodes
+from penwatch.telemetry._record import Event, StepRecord
+
+__all__ = ["LossSpike", "robust_zscore"]
+
+_MAD_SCALE = 1.4826  # 1 / Phi^-1(3/4): MAD -> standard deviation under normality
+_MEANAD_SCALE = 1.2533  # sqrt(pi / 2): mean absolute deviation -> standard deviation
+
+
+def robust_zscore(value: float, history: Sequence[float]) -> float | None:
+    """Modified z-score of ``value`` against ``history``.
+
+    .. math::
+       z = \\frac{x - \\operatorname{median}(h)}{1.4826 \\cdot \\operatorname{MAD}(h)}
+
+    falling back to ``1.2533 * mean|h - median|`` when the MAD is 0.
+
+    Returns:
+      The z-score, or None when the history has no spread at all.
+
+    References:
+      Iglewicz and Hoaglin, "How to Detect and Handle Outliers", 1993.
+    """
+    h = np.asarray(history, dtype=np.float64)
+    median = float(np.median(h))
+    dev = np.abs(h - median)
+    scale = _MAD_SCALE * float(np.median(dev))
+    if scale == 0.0:
+        scale = _MEANAD_SCALE * float(np.mean(dev))
+    if scale == 0.0:
+        return None
+    return (value - median) / scale
+
+
+class LossSpike(Alert):
+    """Fires when a metric jumps above its recent level: robust z-score > ``zscore``.
+
+    Keeps the last ``window`` finite values (per pipeline label) and scores each new one
+    against them with :func:`robust_zscore` (median/MAD, so earlier spikes barely move the
+    baseline). Upward spikes only; non-finite values are left to :class:`NonFinite`.
+    Fires once per episode, re-arming when the score falls back under the threshold.
+
+    Args:
+      zscore: threshold on the robust z-score.
+      window: how many recent values form the baseline.
+      metric: ``"loss"`` (the record's task loss) or any metric key, e.g. ``"total"``.
+      min_history: values needed before scoring (default ``max(8, window // 4)``,
+        at most ``window``).
+    """
+
+    name = "LossSpike"
+
+    def __init__(
+        self,
+        zscore: float = 6.0,
+        window: int = 128,
+        metric: str = "loss",
+        *,
+        min_history: int | None = None,
+    ) -> None:
+        fn = "penwatch.alerts.LossSpike"
+        self.zscore = _checks.check_positive(fn, "zscore", zscore)
+        self.window = _checks.check_int(fn, "window", window, min=3)
+        if not isinstance(metric, str) or not metric:
+            raise _checks.option_error(fn, "metric", metric, "a metric key such as 'loss'")
+        self.metric = metric
+        if min_history is None:
+            min_history = min(self.window, max(8, self.window // 4))
+        self.min_history = _checks.check_int(fn, "min_history", min_history, min=3, max=self.window)
+        self._history: dict[str, collections.deque[float]] = {}
+        self._episodes = Episodes(patience=1)
+
+    def evaluate(self, record: StepRecord) -> Sequence[Event]:
+        value = record.loss if self.metric == "loss" else record.values.get(self.metric)
+        if value is None and self.metric == "loss":
+            value = record.values.get("loss")
+        if value is None or not math.isfinite(value):
+            return ()
+        history = self._history.setdefault(record.pipeline, collections.deque(maxlen=self.window))
+        events = []
+        if len(history) >= self.min_history:
+            z = robust_zscore(value, history)
+            spike = z is not None and z > self.zscore
+            if self._episodes.update(record.pipeline, spike):
+                median = float(np.median(np.asarray(history)))
+                events.append(
+                    self._event(
+                        record,
+                        f"{self.metric} spiked to {value:.4g} at step {record.step}: robust "
+                        f"z-score {z:.1f} > {self.zscore:g} (median {median:.4g} over the "
+                        f"last {len(history)} values)",
+                        attributes={
+                            "metric": self.metric,
+                            "value": value,
+                            "median": median,
+                            "zscore": z,
+                            "threshold": self.zscore,
+                        },
+                    )
+                )
+        history.append(value)
+        return events
+
+    def __repr__(self) -> str:
+        return f"LossSpike(zscore={self.zscore}, window={self.window}, metric={self.metric!r})"

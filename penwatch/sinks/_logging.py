@@ -1,0 +1,77 @@
+"""``Logging``: one log line per step (or every N steps) and one per event."""
+
+from __future__ import annotations
+
+import logging
+
+from penwatch import _checks
+from penwatch.sinks._base import Sink
+from penwatch.telemetry._record import Event, StepRecord
+
+__all__ = ["Logging"]
+
+_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "critical": logging.ERROR}
+
+
+class Logging(Sink):
+    """Writes records and events to a :mod:`logging` logger.
+
+    A step line reads ``run=r step=10 pipeline=default loss=0.52 total=0.031 |
+    l1=0.0012 l2=0.03 ... | 3.1ms``: the penalties' *weighted* values, then the device
+    duration. Records with non-finite values are always logged (at WARNING); events are
+    logged at INFO, WARNING or ERROR by severity.
+
+    Args:
+      logger: a logger or its name (default ``"penwatch"``).
+      level: level of the step lines.
+      every: log one step line every ``every`` records.
+    """
+
+    name = "Logging"
+
+    def __init__(
+        self,
+        logger: logging.Logger | str | None = None,
+        *,
+        level: int = logging.INFO,
+        every: int = 1,
+    ) -> None:
+        if logger is None or isinstance(logger, str):
+            logger = logging.getLogger(logger or "penwatch")
+        self.logger = logger
+        self.level = _checks.check_int("penwatch.sinks.Logging", "level", level, min=0)
+        self.every = _checks.check_int("penwatch.sinks.Logging", "every", every, min=1)
+        self._count = 0
+
+    def write_step(self, record: StepRecord) -> None:
+        self._count += 1
+        level = self.level if record.ok else max(self.level, logging.WARNING)
+        if (self._count - 1) % self.every and record.ok:
+            return
+        if not self.logger.isEnabledFor(level):
+            return
+        head = f"run={record.run} step={record.step} pipeline={record.pipeline}"
+        if record.loss is not None:
+            head += f" loss={record.loss:.4g}"
+        if "total" in record.values:
+            head += f" total={record.values['total']:.4g}"
+        pens = " ".join(
+            f"{p}={record.values.get(p + '_weighted', record.values.get(p, float('nan'))):.4g}"
+            for p in record.penalties
+        )
+        tail = (
+            "" if record.duration_seconds is None else f" | {record.duration_seconds * 1e3:.2f}ms"
+        )
+        bad = "" if record.ok else f" | non-finite: {', '.join(n.key for n in record.nonfinite)}"
+        self.logger.log(level, "%s | %s%s%s", head, pens, tail, bad)
+
+    def write_event(self, event: Event) -> None:
+        self.logger.log(
+            _LEVELS.get(event.severity, logging.WARNING),
+            "penwatch %s %s (run=%s step=%d): %s",
+            event.kind,
+            event.name,
+            event.run,
+            event.step,
+            event.message,
+        )

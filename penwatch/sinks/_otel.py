@@ -1,0 +1,184 @@
+"""``OpenTelemetry``: one span per recorded step, through the OpenTelemetry *API* only.
+
+penwatch is a library, so it never configures the SDK: with ``tracer_provider=None`` it
+uses whatever provider the application installed (a no-op until then). ``penwatch
+demo`` configures the SDK with OTLP/HTTP from the standard ``OTEL_*`` variables.
+
+Each record becomes a span ``penwatch.train_step`` (a train step's metrics) or
+``penwatch.pipeline.compute`` whose start and end are the dispatch time and the time
+the worker saw the results ready (device time). The monitor opens the span before
+fanning out (:meth:`OpenTelemetry.begin_step`), so its trace id reaches the Prometheus
+histogram as an exemplar and alert events land on it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
+from penwatch._version import __version__
+from penwatch.sinks._base import Sink
+from penwatch.telemetry._nonfinite import describe
+from penwatch.telemetry._record import (
+    PENALTY_QUANTITIES,
+    TERM_QUANTITIES,
+    Event,
+    RunInfo,
+    StepRecord,
+)
+
+__all__ = ["SPAN_NAMES", "OpenTelemetry"]
+
+SPAN_NAMES = {"train_step": "penwatch.train_step", "pipeline_compute": "penwatch.pipeline.compute"}
+"""Record kind -> span name."""
+
+
+def _attr(value: Any) -> Any:
+    """An OpenTelemetry attribute value (primitives as is, the rest as JSON)."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+        return [float(v) for v in value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return json.dumps(value, default=str)
+
+
+def _attributes(prefix: str, items: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}{k}": _attr(v) for k, v in items.items() if v is not None}
+
+
+class OpenTelemetry(Sink):
+    """Writes each record as a span, non-finite values and alerts as span events.
+
+    Span attributes: ``penwatch.run``, ``penwatch.process``, ``penwatch.step``,
+    ``penwatch.pipeline``, ``penwatch.loss``, ``penwatch.duration_seconds``, per penalty
+    ``penwatch.penalty.<name>.<quantity>`` (``value``, ``weighted``, ``weight``,
+    ``grad_norm``, ``finite``), per gradient term ``penwatch.term.<term>.<quantity>``
+    (``param_grad_norm``, ``grad_share``, ``grad_cosine``) and every other metric as
+    ``penwatch.metric.<key>``. A record with non-finite values gets a
+    ``penwatch.nonfinite`` event and status ERROR (the description names the first
+    offender); alerts add ``penwatch.alert`` events.
+
+    Args:
+      tracer_provider: an SDK ``TracerProvider``; None uses the global provider.
+    """
+
+    name = "OpenTelemetry"
+
+    def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
+        self.tracer_provider = tracer_provider
+        self._tracer: trace.Tracer | None = None
+        self._open_span: tuple[int, trace.Span] | None = None
+
+    def open(self, info: RunInfo) -> None:
+        self._tracer = trace.get_tracer(
+            "penwatch", __version__, tracer_provider=self.tracer_provider
+        )
+
+    def _start(self, record: StepRecord) -> trace.Span:
+        if self._tracer is None:
+            raise RuntimeError("penwatch.sinks.OpenTelemetry: used before open")
+        start = record.dispatched_at_ns or int(record.wall_time * 1e9)
+        return self._tracer.start_span(
+            SPAN_NAMES.get(record.kind, "penwatch.pipeline.compute"),
+            start_time=start,
+            attributes={
+                "penwatch.run": record.run,
+                "penwatch.process": record.process,
+                "penwatch.step": record.step,
+                "penwatch.pipeline": record.pipeline,
+            },
+        )
+
+    def begin_step(self, record: StepRecord) -> int | None:
+        """Open the record's span; returns its trace id (None when tracing is off)."""
+        if self._open_span is not None:  # a previous write_step failed: end it
+            self._open_span[1].end()
+        span = self._start(record)
+        self._open_span = (record.step, span)
+        ctx = span.get_span_context()
+        return ctx.trace_id if ctx.is_valid and span.is_recording() else None
+
+    def write_event(self, event: Event) -> None:
+        attrs = _attributes("penwatch.alert.", event.attributes)
+        attrs.update(
+            {
+                "penwatch.alert.name": event.name,
+                "penwatch.alert.kind": event.kind,
+                "penwatch.alert.severity": event.severity,
+                "penwatch.alert.message": event.message,
+            }
+        )
+        stamp = int(event.wall_time * 1e9)
+        if self._open_span is not None and self._open_span[0] == event.step:
+            self._open_span[1].add_event("penwatch.alert", attrs, timestamp=stamp)
+            return
+        if self._tracer is None:
+            raise RuntimeError("penwatch.sinks.OpenTelemetry: used before open")
+        span = self._tracer.start_span(
+            "penwatch.event",
+            start_time=stamp,
+            attributes={"penwatch.run": event.run, "penwatch.step": event.step},
+        )
+        span.add_event("penwatch.alert", attrs, timestamp=stamp)
+        span.end(end_time=stamp)
+
+    def write_step(self, record: StepRecord) -> None:
+        if self._open_span is not None and self._open_span[0] == record.step:
+            span = self._open_span[1]
+        else:
+            if self._open_span is not None:
+                self._open_span[1].end()
+            span = self._start(record)
+        self._open_span = None
+        try:
+            if span.is_recording():
+                span.set_attributes(self._step_attributes(record))
+                if not record.ok or record.leaves:
+                    span.add_event(
+                        "penwatch.nonfinite",
+                        {
+                            "penwatch.nonfinite.metrics": [nf.key for nf in record.nonfinite],
+                            "penwatch.nonfinite.kinds": [nf.kind for nf in record.nonfinite],
+                            "penwatch.nonfinite.first": (
+                                record.nonfinite[0].key if record.nonfinite else ""
+                            ),
+                            "penwatch.nonfinite.leaves": [
+                                f"{lf.tree}{lf.path}" for lf in record.leaves
+                            ],
+                        },
+                        timestamp=record.ready_at_ns,
+                    )
+                    span.set_status(Status(StatusCode.ERROR, describe(record)))
+        finally:
+            span.end(end_time=record.ready_at_ns or time.time_ns())
+
+    @staticmethod
+    def _step_attributes(record: StepRecord) -> dict[str, Any]:
+        values = record.values
+        attrs: dict[str, Any] = {}
+        if record.loss is not None:
+            attrs["penwatch.loss"] = record.loss
+        if record.duration_seconds is not None:
+            attrs["penwatch.duration_seconds"] = record.duration_seconds
+        used = set()
+        for p in record.penalties:
+            for quantity, suffix in PENALTY_QUANTITIES.items():
+                if p + suffix in values:
+                    attrs[f"penwatch.penalty.{p}.{quantity}"] = values[p + suffix]
+                    used.add(p + suffix)
+        for t in record.terms:
+            for quantity, suffix in TERM_QUANTITIES.items():
+                if t + suffix in values:
+                    attrs[f"penwatch.term.{t}.{quantity}"] = values[t + suffix]
+                    used.add(t + suffix)
+        for key, value in values.items():
+            if key not in used:
+                attrs[f"penwatch.metric.{key}"] = value
+        return attrs

@@ -1,0 +1,284 @@
+"""``Prometheus``: the SPEC section 6 metrics, served over HTTP or pushed to a gateway.
+
+Metrics live in a :class:`prometheus_client.CollectorRegistry` of the sink's own (never
+the process-global one, so two monitors or a re-created sink never collide) and are
+served by ``prometheus_client.start_http_server`` on ``addr:port`` (127.0.0.1 by
+default). Scrapes asking for OpenMetrics see the trace-id exemplars of the duration
+histogram.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from penwatch import _checks
+from penwatch.sinks._base import Sink
+from penwatch.telemetry._record import Event, RunInfo, StepRecord
+
+__all__ = ["DURATION_BUCKETS", "METRICS", "Prometheus"]
+
+logger = logging.getLogger("penwatch.sinks")
+_FN = "penwatch.sinks.Prometheus"
+
+_RUN = ("run", "process")
+_PEN = (*_RUN, "pipeline", "penalty")
+
+METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "penwatch_step": ("gauge", _RUN, "Last recorded step."),
+    "penwatch_last_step_timestamp_seconds": (
+        "gauge",
+        _RUN,
+        "Unix time of the last recorded step.",
+    ),
+    "penwatch_loss": ("gauge", _RUN, "Base (task) loss at the last recorded step."),
+    "penwatch_penalty_value": ("gauge", _PEN, "Raw penalty value."),
+    "penwatch_penalty_weighted_value": ("gauge", _PEN, "Weight times penalty value."),
+    "penwatch_penalty_weight": ("gauge", _PEN, "Current penalty weight."),
+    "penwatch_pipeline_value": ("gauge", (*_RUN, "pipeline"), "Sum of weighted penalties."),
+    "penwatch_penalty_grad_norm": (
+        "gauge",
+        (*_PEN, "wrt"),
+        "Gradient norm: wrt=input (raw penalty, pipeline input) or params (weighted term).",
+    ),
+    "penwatch_penalty_grad_share": (
+        "gauge",
+        _PEN,
+        "Additive contribution <g_i, g> / |g|^2 of a term to the parameter update.",
+    ),
+    "penwatch_penalty_grad_cosine": (
+        "gauge",
+        _PEN,
+        "Cosine between a term's parameter gradient and the base-loss gradient.",
+    ),
+    "penwatch_nonfinite_total": (
+        "counter",
+        (*_RUN, "kind", "source"),
+        "Non-finite detections by kind (nan/inf) and metric key.",
+    ),
+    "penwatch_pipeline_compute_duration_seconds": (
+        "histogram",
+        (*_RUN, "pipeline"),
+        "Pipeline compute / train step time from dispatch until its results are ready.",
+    ),
+    "penwatch_alerts_total": ("counter", (*_RUN, "alert"), "Fired alerts."),
+    "penwatch_telemetry_dropped_total": ("counter", (*_RUN, "reason"), "Records dropped."),
+    "penwatch_run_info": (
+        "gauge",
+        (*_RUN, "version", "backend", "devices"),
+        "Always 1; labels identify the run.",
+    ),
+}
+"""SPEC section 6 metric name -> (type, label names, help)."""
+
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+"""Histogram buckets (seconds) of ``penwatch_pipeline_compute_duration_seconds``."""
+
+_DROP_REASONS = ("queue_full", "closed", "materialize_error", "sink_error")
+_PENALTY_GAUGES = (
+    ("", "penwatch_penalty_value"),
+    ("_weighted", "penwatch_penalty_weighted_value"),
+    ("_weight", "penwatch_penalty_weight"),
+)
+_TERM_GAUGES = (
+    ("_grad_share", "penwatch_penalty_grad_share"),
+    ("_grad_cosine", "penwatch_penalty_grad_cosine"),
+)
+
+
+class Prometheus(Sink):
+    """Exposes the SPEC section 6 metrics (names, types, labels) for Prometheus.
+
+    Every metric carries ``run`` and ``process``; penalty metrics also ``pipeline`` and
+    ``penalty`` (gradient-diagnostic figures use the term name, ``base`` for the task
+    loss). If the port is taken, ``open`` raises: the monitor logs and counts it, retries
+    with backoff, and the other sinks keep writing.
+
+    Args:
+      port: port of the ``/metrics`` endpoint; 0 picks a free one (see :attr:`port`);
+        None serves nothing (registry or pushgateway only).
+      addr: address to bind (loopback by default; ``"0.0.0.0"`` to expose it).
+      registry: registry to register the metrics in; None creates a fresh one.
+      pushgateway: Pushgateway URL for batch jobs: pushed on flush (at most every
+        ``push_interval`` seconds) and on close, job ``job``, grouped by run and process.
+      job: Pushgateway job name.
+      push_interval: minimum seconds between pushes on flush.
+      buckets: histogram buckets in seconds.
+    """
+
+    name = "Prometheus"
+
+    def __init__(
+        self,
+        port: int | None = 9464,
+        addr: str = "127.0.0.1",
+        registry: CollectorRegistry | None = None,
+        *,
+        pushgateway: str | None = None,
+        job: str = "penwatch",
+        push_interval: float = 10.0,
+        buckets: Sequence[float] = DURATION_BUCKETS,
+    ) -> None:
+        if port is not None:
+            port = _checks.check_int(_FN, "port", port, min=0, max=65535)
+        if not isinstance(addr, str) or not addr:
+            raise _checks.option_error(_FN, "addr", addr, "a host address such as '127.0.0.1'")
+        if registry is not None and not isinstance(registry, CollectorRegistry):
+            raise _checks.option_error(_FN, "registry", registry, "None or a CollectorRegistry")
+        if pushgateway is not None and not isinstance(pushgateway, str):
+            raise _checks.option_error(_FN, "pushgateway", pushgateway, "None or a URL string")
+        self._requested_port, self.addr = port, addr
+        self.registry = CollectorRegistry() if registry is None else registry
+        self.pushgateway, self.job = pushgateway, job
+        self.push_interval = _checks.check_nonnegative(_FN, "push_interval", push_interval)
+        self.buckets = tuple(buckets)
+        self._metrics: dict[str, Any] | None = None
+        self._children: dict[tuple[Any, ...], Any] = {}
+        self._server: Any = None
+        self._info: RunInfo | None = None
+        self._base: tuple[str, str] = ("", "0")
+        self._dropped_seen: dict[str, int] = {}
+        self._last_push = -float("inf")
+
+    @property
+    def port(self) -> int | None:
+        """The bound port while serving (useful with ``port=0``), else the requested one."""
+        return self._server.server_port if self._server is not None else self._requested_port
+
+    @property
+    def url(self) -> str | None:
+        """``http://addr:port/metrics`` while serving, else None."""
+        if self._server is None:
+            return None
+        return f"http://{self.addr}:{self.port}/metrics"
+
+    def open(self, info: RunInfo) -> None:
+        if self._metrics is None:
+            self._info, self._base = info, (info.run, str(info.process))
+            self._metrics = self._create()
+            self._metrics["penwatch_run_info"].labels(
+                *self._base, info.version, info.backend, str(info.devices)
+            ).set(1)
+            for reason in _DROP_REASONS:
+                self._child("penwatch_telemetry_dropped_total", *self._base, reason)
+            for alert in info.config.get("alerts", ()):
+                self._child("penwatch_alerts_total", *self._base, str(alert))
+        if self._requested_port is not None and self._server is None:
+            try:
+                self._server, _ = prometheus_client.start_http_server(
+                    self._requested_port, addr=self.addr, registry=self.registry
+                )
+            except OSError as exc:
+                raise OSError(
+                    exc.errno,
+                    f"{_FN}: cannot serve /metrics on {self.addr}:{self._requested_port}: "
+                    f"{exc.strerror or exc}",
+                ) from exc
+
+    def _create(self) -> dict[str, Any]:
+        types = {"gauge": Gauge, "counter": Counter}
+        out = {}
+        for name, (kind, labels, doc) in METRICS.items():
+            if kind == "histogram":
+                out[name] = Histogram(
+                    name, doc, labels, registry=self.registry, buckets=self.buckets
+                )
+            else:  # prometheus_client appends _total to counters itself
+                short = name.removesuffix("_total") if kind == "counter" else name
+                out[name] = types[kind](short, doc, labels, registry=self.registry)
+        return out
+
+    def _child(self, name: str, *labels: str) -> Any:
+        key = (name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._metrics[name].labels(*labels)  # type: ignore[index]
+        return child
+
+    def write_step(self, record: StepRecord) -> None:
+        if self._metrics is None:
+            raise RuntimeError(f"{_FN}: write_step before open")
+        base, values, child = self._base, record.values, self._child
+        child("penwatch_step", *base).set(record.step)
+        child("penwatch_last_step_timestamp_seconds", *base).set(record.wall_time)
+        if record.loss is not None:
+            child("penwatch_loss", *base).set(record.loss)
+        pipe = record.pipeline
+        for p in record.penalties:
+            for suffix, metric in _PENALTY_GAUGES:
+                if p + suffix in values:
+                    child(metric, *base, pipe, p).set(values[p + suffix])
+            if p + "_grad_norm" in values:
+                child("penwatch_penalty_grad_norm", *base, pipe, p, "input").set(
+                    values[p + "_grad_norm"]
+                )
+        if "total" in values:
+            child("penwatch_pipeline_value", *base, pipe).set(values["total"])
+        for t in record.terms:
+            if t + "_param_grad_norm" in values:
+                child("penwatch_penalty_grad_norm", *base, pipe, t, "params").set(
+                    values[t + "_param_grad_norm"]
+                )
+            for suffix, metric in _TERM_GAUGES:
+                if t + suffix in values:
+                    child(metric, *base, pipe, t).set(values[t + suffix])
+        for nf in record.nonfinite:
+            child("penwatch_nonfinite_total", *base, nf.kind, nf.key).inc()
+        if record.duration_seconds is not None:
+            exemplar = None
+            if record.trace_id:
+                exemplar = {"trace_id": format(record.trace_id, "032x")}
+            child("penwatch_pipeline_compute_duration_seconds", *base, pipe).observe(
+                max(record.duration_seconds, 0.0), exemplar=exemplar
+            )
+        for reason, count in record.dropped.items():
+            delta = count - self._dropped_seen.get(reason, 0)
+            if delta > 0:
+                child("penwatch_telemetry_dropped_total", *base, reason).inc(delta)
+                self._dropped_seen[reason] = count
+
+    def write_event(self, event: Event) -> None:
+        if self._metrics is None or event.kind not in ("alert", "nonfinite"):
+            return
+        alert = str(event.attributes.get("alert", event.name))
+        self._child("penwatch_alerts_total", *self._base, alert).inc()
+
+    def flush(self) -> None:
+        if self.pushgateway and time.monotonic() - self._last_push >= self.push_interval:
+            self._push()
+
+    def _push(self) -> None:
+        self._last_push = time.monotonic()
+        prometheus_client.push_to_gateway(
+            self.pushgateway,
+            job=self.job,
+            registry=self.registry,
+            grouping_key={"run": self._base[0], "process": self._base[1]},
+            timeout=5.0,
+        )
+
+    def close(self) -> None:
+        try:
+            if self.pushgateway and self._metrics is not None:
+                self._push()
+        finally:
+            if self._server is not None:
+                # serve_forever notices shutdown() only at its next 0.5 s poll: stop it in
+                # the background so close() (and the monitor's) returns at once.
+                server, self._server = self._server, None
+                threading.Thread(
+                    target=_stop_server, args=(server,), name="penwatch-metrics-stop", daemon=True
+                ).start()
+
+
+def _stop_server(server: Any) -> None:
+    server.shutdown()
+    server.server_close()

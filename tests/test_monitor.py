@@ -1,0 +1,310 @@
+"""pw.Monitor: never blocks the training thread, keeps order, measures device time,
+names the first non-finite offender, flushes on close and at interpreter exit."""
+
+from __future__ import annotations
+
+import gc
+import math
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import penwatch as pw
+from penwatch.telemetry import find_nonfinite, leaf_nonfinite, leaf_reports
+
+
+class _SlowScalar:
+    """A stand-in for a device array still being computed: ready when the gate opens.
+
+    Records which threads waited on it or read it, so the test can prove that the
+    training thread did neither (``jax.block_until_ready`` calls ``block_until_ready``
+    on such leaves, ``jax.device_get`` calls ``__array__``).
+    """
+
+    def __init__(self, value: float) -> None:
+        self.gate = threading.Event()
+        self.value = value
+        self.touched_by: set[str] = set()
+
+    def block_until_ready(self) -> _SlowScalar:
+        self.touched_by.add(threading.current_thread().name)
+        self.gate.wait(timeout=10)
+        return self
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        self.touched_by.add(threading.current_thread().name)
+        return np.asarray(self.value, dtype=dtype)
+
+    def __float__(self) -> float:
+        self.touched_by.add(threading.current_thread().name)
+        return self.value
+
+
+def _pipeline_metrics(value: float = 1.0) -> dict[str, float]:
+    return {
+        "l1": value,
+        "l1_weighted": 0.1 * value,
+        "l1_weight": 0.1,
+        "total": 0.1 * value,
+    }
+
+
+def _collect() -> tuple[list[pw.telemetry.StepRecord], list[pw.telemetry.Event], pw.sinks.Sink]:
+    records: list = []
+    events: list = []
+    return records, events, pw.sinks.Callback(records.append, on_event=events.append)
+
+
+def test_record_returns_before_results_are_ready_and_duration_is_device_time():
+    records, _, sink = _collect()
+    slow = _SlowScalar(2.0)
+    with pw.Monitor("gate", sinks=[sink], alerts=[]) as monitor:
+        dispatched = time.time_ns()
+        start = time.perf_counter()
+        monitor.record(0, {"l1": slow, "l1_weight": jnp.float32(1.0)}, dispatched_at_ns=dispatched)
+        assert time.perf_counter() - start < 0.2, "record() waited for the device"
+        assert threading.current_thread().name not in slow.touched_by
+        held = 0.3
+        time.sleep(held)  # the "device" is still busy: nothing may have been processed
+        assert monitor.records == 0
+        slow.gate.set()
+        assert monitor.flush(timeout=10)
+    assert threading.current_thread().name not in slow.touched_by
+    assert slow.touched_by  # the worker read it
+    (rec,) = records
+    assert rec.values["l1"] == 2.0
+    assert rec.duration_seconds >= held
+    assert rec.ready_at_ns - rec.dispatched_at_ns == pytest.approx(rec.duration_seconds * 1e9)
+
+
+def test_record_of_real_device_arrays_does_not_wait():
+    @jax.jit
+    def slow(x):
+        return jax.lax.fori_loop(0, 200, lambda i, a: jnp.tanh(a @ a), x)[0, 0]
+
+    x = jnp.eye(256) * 0.5
+    jax.block_until_ready(slow(x))  # compile
+    records, _, sink = _collect()
+    with pw.Monitor("async", sinks=[sink], alerts=[]) as monitor:
+        start = time.perf_counter()
+        y = slow(x)
+        monitor.record(0, {"v": y})
+        recorded = time.perf_counter() - start
+        jax.block_until_ready(y)
+        total = time.perf_counter() - start
+    assert recorded < total / 2, (recorded, total)
+    assert records[0].duration_seconds >= 0.5 * total
+
+
+def test_records_keep_order_and_values():
+    records, _, sink = _collect()
+    with pw.Monitor("order", sinks=[sink], alerts=[]) as monitor:
+        for step in range(50):
+            monitor.record(step, _pipeline_metrics(jnp.float32(step)), pipeline="p")
+    assert [r.step for r in records] == list(range(50))
+    assert all(r.values["l1"] == r.step for r in records)
+    assert records[3].penalties == ("l1",)
+    assert records[3].penalty("l1") == {
+        "value": 3.0,
+        "weighted": pytest.approx(0.3),
+        "weight": pytest.approx(0.1),
+    }
+    assert records[3].pipeline == "p" and records[3].run == "order"
+    assert records[3].kind == "pipeline_compute"
+    assert monitor.stats.processed == monitor.stats.recorded == 50
+
+
+def test_loss_argument_and_kind_inference():
+    records, _, sink = _collect()
+    with pw.Monitor("loss", sinks=[sink], alerts=[]) as monitor:
+        monitor.record(0, {"total": 1.0}, loss=jnp.float32(2.5))
+        monitor.record(1, {"loss": 3.0, "base_loss": 2.0, "total": 1.0})
+        monitor.record(2, {"loss": 3.0, "base_loss": 2.0}, loss=1.5)
+        monitor.record(3, {"x": 1.0}, kind="train_step")
+    assert records[0].loss == 2.5 and records[0].values["loss"] == 2.5
+    assert records[1].loss == 2.0 and records[1].kind == "train_step"
+    assert records[2].loss == 1.5 and records[2].values["loss"] == 3.0
+    assert records[0].kind == "pipeline_compute" and records[3].kind == "train_step"
+
+
+def test_non_scalar_and_private_keys_are_not_metrics():
+    records, _, sink = _collect()
+    with pw.Monitor("keys", sinks=[sink], alerts=[]) as monitor:
+        monitor.record(0, {"m": jnp.ones((2, 2)), "_x": 1.0, "ok": jnp.array(True), "v": 2})
+    assert dict(records[0].values) == {"ok": 1.0, "v": 2.0}
+
+
+def test_first_offender_order_and_leaf_report():
+    values = {
+        "loss": math.nan,
+        "base_loss": 1.0,
+        "a": 1.0,
+        "a_weight": 1.0,
+        "a_weighted": 1.0,
+        "b": math.inf,
+        "b_weight": 1.0,
+        "b_weighted": math.inf,
+        "total": math.inf,
+        "base_grad_share": math.nan,
+        "b_grad_share": math.nan,
+    }
+    found = find_nonfinite(values, ("a", "b"), ("base", "b"))
+    assert [nf.key for nf in found] == [
+        "b", "b_weighted", "total", "loss", "base_grad_share", "b_grad_share",
+    ]  # fmt: skip
+    assert found[0].kind == "inf" and found[0].source == "penalty" and found[0].penalty == "b"
+    assert found[3].kind == "nan" and found[3].source == "loss"
+    assert found[4].source == "gradient" and found[4].penalty is None
+
+    counts = jax.device_get(
+        leaf_nonfinite(
+            params={"w": jnp.array([1.0, jnp.nan]), "n": jnp.arange(3)},
+            grads={"w": jnp.array([jnp.inf, jnp.nan]), "v": jnp.full(5, jnp.nan)},
+        )
+    )
+    assert set(counts["params"]) == {"['w']"}  # integer leaves are skipped
+    leaves = leaf_reports(counts, max_leaves=5)
+    assert [(lf.tree, lf.path, lf.nan_count, lf.inf_count) for lf in leaves] == [
+        ("params", "['w']", 1, 0),
+        ("grads", "['v']", 5, 0),
+        ("grads", "['w']", 1, 1),
+    ]
+    assert len(leaf_reports(counts, max_leaves=2)) == 2
+
+
+def test_leaf_nonfinite_works_under_jit():
+    fn = jax.jit(lambda p: leaf_nonfinite(params=p))
+    out = fn({"w": jnp.array([jnp.nan, jnp.inf, 1.0])})
+    assert [int(c) for c in out["params"]["['w']"]] == [1, 1]
+
+
+def test_nonfinite_in_a_record_is_reported_with_leaves():
+    records, events, sink = _collect()
+    metrics = {
+        **_pipeline_metrics(jnp.float32(jnp.nan)),
+        "_leaf_nonfinite": {"params": {"['w']": (jnp.int32(3), jnp.int32(0))}},
+    }
+    with pw.Monitor("nan", sinks=[sink]) as monitor:  # default alerts: [NonFinite()]
+        monitor.record(0, metrics)
+    (rec,) = records
+    assert rec.first_offender.key == "l1" and not rec.ok
+    assert rec.leaves[0].path == "['w']" and rec.leaves[0].nan_count == 3
+    assert rec.kind == "train_step"
+    (event,) = events
+    assert event.kind == "nonfinite" and event.name == "NonFinite"
+    assert "'l1'" in event.message and "params['w']" in event.message
+
+
+def test_raise_action_raises_on_the_training_thread_at_the_next_call():
+    records, _, sink = _collect()
+    monitor = pw.Monitor("raise", sinks=[sink], alerts=[pw.alerts.NonFinite(action="raise")])
+    monitor.record(0, _pipeline_metrics(float("nan")))
+    monitor.flush(timeout=10)
+    with pytest.raises(pw.alerts.NonFiniteDetected) as info:
+        monitor.record(1, _pipeline_metrics(1.0))
+    assert isinstance(info.value, pw.NonFiniteError)
+    assert info.value.kind == "nan" and info.value.path == "l1"
+    assert info.value.record.step == 0
+    monitor.record(2, _pipeline_metrics(1.0))  # raised once only
+    monitor.close()
+    assert [r.step for r in records] == [0, 2]
+
+
+def test_close_is_quick_idempotent_and_drops_later_records():
+    records, _, sink = _collect()
+    monitor = pw.Monitor("close", sinks=[sink], alerts=[])
+    for step in range(200):
+        monitor.record(step, _pipeline_metrics(jnp.float32(step)))
+    start = time.perf_counter()
+    assert monitor.close()
+    assert time.perf_counter() - start < 0.5
+    assert monitor.close()
+    assert len(records) == 200
+    monitor.record(200, _pipeline_metrics())
+    assert monitor.stats.dropped["closed"] == 1
+
+
+def test_monitor_is_garbage_collected_and_flushes():
+    records, _, sink = _collect()
+    monitor = pw.Monitor("gc", sinks=[sink], alerts=[])
+    monitor.record(0, _pipeline_metrics())
+    ref = weakref.ref(monitor)
+    del monitor
+    gc.collect()
+    assert ref() is None
+    deadline = time.monotonic() + 10
+    while len(records) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(records) == 1
+
+
+def test_flush_at_interpreter_exit(tmp_path):
+    out = tmp_path / "steps.txt"
+    script = textwrap.dedent(
+        f"""
+        import penwatch as pw
+        lines = open({str(out)!r}, "w")
+        sink = pw.sinks.Callback(lambda r: (lines.write(f"{{r.step}}\\n"), lines.flush()))
+        monitor = pw.Monitor("exit", sinks=[sink], alerts=[])
+        for step in range(5):
+            monitor.record(step, {{"l1": 1.0, "l1_weight": 1.0}})
+        # no close(): the atexit hook must flush
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    assert out.read_text().split() == ["0", "1", "2", "3", "4"]
+
+
+def test_instrumented_pipeline_records_and_emits_events():
+    records, _, sink = _collect()
+    seen = []
+    pw.events.attach("test-instrument", pw.events.PIPELINE_COMPUTE_STOP, lambda *a: seen.append(a))
+    try:
+        with pw.Monitor("inst", sinks=[sink], alerts=[]) as monitor:
+            pipe = pw.instrument(pw.pipeline([("l1", 0.5), ("l2", 0.25)]), monitor, label="reg")
+            x = jnp.arange(4.0)
+            total, _ = pipe.compute(x)
+            pipe2 = pipe.update_weight("l1", 1.0)
+            assert isinstance(pipe2, pw.telemetry.InstrumentedPipeline)
+            pipe2.compute(x, track_grad_norms=True)
+    finally:
+        pw.events.detach("test-instrument")
+    assert float(total) == pytest.approx(0.5 * 6 + 0.25 * 14)
+    assert [r.step for r in records] == [0, 1]
+    assert records[0].kind == "pipeline_compute" and records[0].pipeline == "reg"
+    assert records[1].values["l1_weight"] == 1.0 and "l1_grad_norm" in records[1].values
+    assert all(r.duration_seconds is not None and r.duration_seconds >= 0 for r in records)
+    assert len(seen) == 2 and seen[0][2]["pipeline"] == "default"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_queue": 0}, "'max_queue' must be an integer >= 1"),
+        ({"run": ""}, "'run' must be a non-empty string"),
+        ({"sinks": [object()]}, r"'sinks\[0\]' must be a penwatch.sinks.Sink"),
+        ({"alerts": [1]}, r"'alerts\[0\]' must be a penwatch alert"),
+        ({"flush_interval": -1}, "'flush_interval' must be"),
+    ],
+)
+def test_monitor_rejects_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=f"penwatch.Monitor: option {match}"):
+        pw.Monitor(**{"run": "bad", **kwargs})
+
+
+def test_record_rejects_a_non_mapping():
+    with (
+        pw.Monitor("bad", alerts=[]) as monitor,
+        pytest.raises(
+            ValueError, match=r"penwatch\.Monitor\.record: argument 'metrics' must be a mapping"
+        ),
+    ):
+        monitor.record(0, [1.0])

@@ -1,0 +1,179 @@
+"""pw.sinks.OpenTelemetry: spans with the SDK's in-memory exporter and over real OTLP/HTTP."""
+
+from __future__ import annotations
+
+import gzip
+import http.server
+import threading
+import zlib
+from typing import ClassVar
+
+import jax.numpy as jnp
+import pytest
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+import penwatch as pw
+from penwatch._demo import _train
+from penwatch._demo._tracing import configure_tracing, tracing_requested
+
+STEPS, NAN_AT = 12, 4
+
+
+@pytest.fixture
+def memory():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider, exporter
+    provider.shutdown()
+
+
+def test_train_step_spans_attributes_times_and_nan(memory):
+    provider, exporter = memory
+    records: list = []
+    monitor = pw.Monitor(
+        "otel",
+        sinks=[pw.sinks.OpenTelemetry(provider), pw.sinks.Callback(records.append)],
+        alerts=[pw.alerts.NonFinite()],
+    )
+    _train.run(monitor, steps=STEPS, inject_nan_at=NAN_AT)
+    monitor.close()
+    spans = exporter.get_finished_spans()
+    assert len(spans) == STEPS
+    by_step = {s.attributes["penwatch.step"]: s for s in spans}
+    for rec in records:
+        span = by_step[rec.step]
+        assert span.name == "penwatch.train_step"
+        assert span.attributes["penwatch.run"] == "otel"
+        assert span.attributes["penwatch.pipeline"] == "demo"
+        assert span.start_time == rec.dispatched_at_ns and span.end_time == rec.ready_at_ns
+        assert span.attributes["penwatch.penalty.entropy.value"] == pytest.approx(
+            rec.values["entropy"], nan_ok=True
+        )
+        assert span.attributes["penwatch.penalty.l2.weighted"] == pytest.approx(
+            rec.values["l2_weighted"]
+        )
+        assert rec.trace_id == span.context.trace_id
+        if rec.terms:
+            assert "penwatch.term.orthogonality.grad_share" in span.attributes
+    bad = by_step[NAN_AT]
+    assert bad.status.status_code == StatusCode.ERROR
+    assert "orthogonality_weight" in bad.status.description
+    names = [e.name for e in bad.events]
+    assert names.count("penwatch.nonfinite") == 1 and names.count("penwatch.alert") == 1
+    nf = next(e for e in bad.events if e.name == "penwatch.nonfinite")
+    assert nf.attributes["penwatch.nonfinite.first"] == "orthogonality_weight"
+    assert "grads['hidden']['w']" in nf.attributes["penwatch.nonfinite.leaves"]
+    alert = next(e for e in bad.events if e.name == "penwatch.alert")
+    assert alert.attributes["penwatch.alert.name"] == "NonFinite"
+    ok = [s for s in spans if s.attributes["penwatch.step"] != NAN_AT]
+    assert all(s.status.status_code == StatusCode.UNSET and not s.events for s in ok)
+
+
+def test_pipeline_compute_span(memory):
+    provider, exporter = memory
+    with pw.Monitor("inst", sinks=[pw.sinks.OpenTelemetry(provider)], alerts=[]) as monitor:
+        pipe = pw.instrument(pw.pipeline([("l1", 0.5)]), monitor)
+        pipe.compute(jnp.arange(3.0))
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "penwatch.pipeline.compute"
+    assert span.attributes["penwatch.penalty.l1.value"] == 3.0
+    assert span.attributes["penwatch.penalty.l1.weighted"] == 1.5
+    assert span.end_time >= span.start_time
+
+
+def test_global_provider_is_a_no_op_until_configured():
+    # The library never configures the SDK: with the default (proxy/no-op) provider the
+    # sink works and produces no trace ids.
+    assert not isinstance(trace.get_tracer_provider(), TracerProvider)
+    records: list = []
+    with pw.Monitor(
+        "noop", sinks=[pw.sinks.OpenTelemetry(), pw.sinks.Callback(records.append)], alerts=[]
+    ) as monitor:
+        monitor.record(0, {"l1": 1.0, "l1_weight": 1.0})
+    assert records[0].trace_id is None
+    assert monitor.stats.sink_errors["OpenTelemetry"] == 0
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    requests: ClassVar[list] = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        encoding = self.headers.get("Content-Encoding", "")
+        if encoding == "gzip":
+            body = gzip.decompress(body)
+        elif encoding == "deflate":
+            body = zlib.decompress(body)
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        type(self).requests.append((self.path, request))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_spans_over_real_otlp_http(monkeypatch):
+    _Receiver.requests = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        # Exactly how the CLI does it: the exporter reads the standard OTEL_* variables.
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+        monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+        assert tracing_requested()
+        provider, counting = configure_tracing()
+        with pw.Monitor("otlp", sinks=[pw.sinks.OpenTelemetry(provider)]) as monitor:
+            _train.run(monitor, steps=6, inject_nan_at=2)
+        assert provider.force_flush(10_000)
+        provider.shutdown()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert counting.exported == 6 and counting.failed == 0
+    spans = []
+    for path, request in _Receiver.requests:
+        assert path == "/v1/traces"
+        for rs in request.resource_spans:
+            resource = {a.key: a.value.string_value for a in rs.resource.attributes}
+            assert resource["service.name"] == "penwatch"
+            for ss in rs.scope_spans:
+                assert ss.scope.name == "penwatch" and ss.scope.version == pw.__version__
+                spans.extend(ss.spans)
+    assert sorted(s.name for s in spans) == ["penwatch.train_step"] * 6
+    attrs = {s.name + str(i): {a.key: a.value for a in s.attributes} for i, s in enumerate(spans)}
+    steps = sorted(a["penwatch.step"].int_value for a in attrs.values())
+    assert steps == list(range(6))
+    bad = next(
+        s
+        for s in spans
+        if any(a.key == "penwatch.step" and a.value.int_value == 2 for a in s.attributes)
+    )
+    assert bad.status.code == 2  # STATUS_CODE_ERROR
+    assert {e.name for e in bad.events} == {"penwatch.nonfinite", "penwatch.alert"}
+
+
+def test_configure_tracing_only_when_asked(monkeypatch):
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    assert configure_tracing() is None
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")
+    assert configure_tracing() is None
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "trainer-7")
+    provider, _ = configure_tracing(exporter=InMemorySpanExporter())
+    assert provider.resource.attributes["service.name"] == "trainer-7"
+    provider.shutdown()
+    _ = OTLPSpanExporter  # the exporter class the CLI uses is importable
