@@ -94,7 +94,7 @@ class Pipeline(_PipelineBase):
         ``P_grad_norm`` = :math:`\lVert \nabla_x P(x) \rVert` (raw penalty, differentiable
         penalties only); plus ``total`` and, when tracking, ``total_grad_norm`` =
         :math:`\lVert \nabla_x \mathrm{total}(x) \rVert`. All gradient norms come from one
-        compiled pass (one forward, the backward passes vectorized).
+        compiled pass (one forward and one backward per penalty).
 
         Called on the host, the computation is compiled once per pipeline structure and
         input shape (weights are arguments) and emits the ``penwatch.events`` compute
