@@ -22,6 +22,7 @@ from penwatch.penalties._norms import l2 as l2
 from penwatch.penalties._validation import NonFiniteError as NonFiniteError
 from penwatch.penalties._validation import Validation as Validation
 from penwatch.penalties._validation import finite_report as finite_report
+from penwatch.penalties._validation import leaf_finite_counts as leaf_finite_counts
 from penwatch.penalties._validation import validate as validate
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "kl_divergence",
     "l1",
     "l2",
+    "leaf_finite_counts",
     "orthogonality",
     "output_magnitude_penalty",
     "validate",

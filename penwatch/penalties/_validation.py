@@ -150,3 +150,34 @@ def finite_report(x: Any) -> dict[str, jax.Array]:
         nan = nan + jnp.sum(jnp.isnan(leaf), dtype=jnp.int32)
         inf = inf + jnp.sum(jnp.isinf(leaf), dtype=jnp.int32)
     return {"nan_count": nan, "inf_count": inf}
+
+
+def leaf_finite_counts(x: Any) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """Per-leaf NaN and Inf counts inside compiled code (jit-safe, no host sync).
+
+    The per-leaf companion of :func:`finite_report`: it tells *which* parameter or
+    gradient leaf went non-finite, so a report can name it.
+
+    Args:
+      x: an array or a pytree of arrays; integer/bool leaves are left out.
+
+    Returns:
+      ``{path: (nan_count, inf_count)}`` of int32 scalars, paths from
+      ``jax.tree_util.keystr`` (``""`` for a bare array).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from penwatch.penalties import leaf_finite_counts
+      >>> counts = leaf_finite_counts({"w": jnp.array([1.0, jnp.nan]), "n": jnp.arange(2)})
+      >>> {path: [int(c) for c in pair] for path, pair in counts.items()}
+      {"['w']": [1, 0]}
+    """
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(x):
+        leaf = jnp.asarray(leaf)
+        if _is_checked(leaf.dtype):
+            out[jax.tree_util.keystr(path)] = (
+                jnp.sum(jnp.isnan(leaf), dtype=jnp.int32),
+                jnp.sum(jnp.isinf(leaf), dtype=jnp.int32),
+            )
+    return out

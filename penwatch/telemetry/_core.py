@@ -94,7 +94,14 @@ class Core:
             guard.write("write_step", record)
 
     def build(self, item: Item) -> StepRecord:
-        metrics, loss, step = _materialize(item.payload)
+        metrics, loss, step = item.payload
+        leaf_tree = metrics.pop("_leaf_nonfinite", None)
+        metrics, loss, step = _materialize((metrics, loss, step))
+        # The per-leaf counts (two arrays per leaf) are read only when the step's
+        # in-step total says a leaf is non-finite, or when no total was given.
+        count = metrics.get("_leaf_nonfinite_count")
+        if leaf_tree is not None and (count is None or int(count) > 0):
+            metrics["_leaf_nonfinite"] = _materialize(leaf_tree)
         values: dict[str, float] = {}
         for key, value in metrics.items():
             if key.startswith("_"):
@@ -110,7 +117,7 @@ class Core:
         penalties, terms = parse_penalties(values), parse_terms(values)
         kind = item.kind or (
             "train_step"
-            if "_leaf_nonfinite" in metrics or "base_loss" in metrics or terms
+            if leaf_tree is not None or "base_loss" in metrics or terms
             else "pipeline_compute"
         )
         ready = item.ready_at_ns
@@ -168,8 +175,8 @@ def _materialize(tree: Any) -> Any:
     50-array record), CPU that the training step itself needs.
     """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    arrays = [leaf for leaf in leaves if isinstance(leaf, jax.Array)]
-    if any(d.platform != "cpu" for a in arrays for d in a.devices()):
+    first = next((leaf for leaf in leaves if isinstance(leaf, jax.Array)), None)
+    if first is not None and any(d.platform != "cpu" for d in first.devices()):
         return jax.device_get(tree)
     host = [np.asarray(leaf) if isinstance(leaf, jax.Array) else leaf for leaf in leaves]
     return jax.tree_util.tree_unflatten(treedef, host)
@@ -178,6 +185,8 @@ def _materialize(tree: Any) -> Any:
 def _scalar(value: Any) -> float | None:
     if isinstance(value, float):
         return value
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "fiub":
+        return float(value.reshape(()))  # the common case, without dtype machinery
     try:
         arr = np.asarray(value)
     except Exception:

@@ -25,8 +25,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
+from penwatch.penalties import leaf_finite_counts
 from penwatch.telemetry._record import LeafReport, NonFinite, StepRecord
 
 __all__ = ["describe", "find_nonfinite", "leaf_nonfinite", "leaf_reports"]
@@ -53,19 +53,7 @@ def leaf_nonfinite(**trees: Any) -> dict[str, dict[str, tuple[jax.Array, jax.Arr
       >>> [int(c) for c in out["params"]["['w']"]]
       [1, 0]
     """
-    out: dict[str, dict[str, tuple[jax.Array, jax.Array]]] = {}
-    for name, tree in trees.items():
-        counts = {}
-        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-            leaf = jnp.asarray(leaf)
-            if not jnp.issubdtype(leaf.dtype, jnp.inexact):
-                continue
-            counts[jax.tree_util.keystr(path)] = (
-                jnp.sum(jnp.isnan(leaf), dtype=jnp.int32),
-                jnp.sum(jnp.isinf(leaf), dtype=jnp.int32),
-            )
-        out[name] = counts
-    return out
+    return {name: leaf_finite_counts(tree) for name, tree in trees.items()}
 
 
 def _key_table(

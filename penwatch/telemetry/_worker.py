@@ -78,7 +78,10 @@ class Worker:
         self._on_start = on_start
         self._max_queue = max_queue
         self._flush_interval = flush_interval
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # guards both deques; wakes the ready thread
+        self._ready_cond = threading.Condition(self._cond._lock)  # wakes the writer
+        self._ready_markers = 0  # flush/stop markers waiting in the ready deque
+        self._ready_since: float | None = None  # when the oldest ready record arrived
         self._incoming: collections.deque[Item] = collections.deque()
         self._ready: collections.deque[Item] = collections.deque()
         self._pending = 0  # records (not markers) in both deques
@@ -111,7 +114,7 @@ class Worker:
                 self._drop_oldest()
             self._incoming.append(item)
             self._pending += 1
-            self._cond.notify_all()
+            self._cond.notify()
         return True
 
     def _drop_oldest(self) -> None:
@@ -182,8 +185,16 @@ class Worker:
             with self._cond:
                 if item.marker is None:
                     self._pending += 1
+                else:
+                    self._ready_markers += 1
+                if not self._ready:
+                    self._ready_since = time.monotonic()
                 self._ready.append(item)
-                self._cond.notify_all()
+                # The writer takes records in batches (fewer wake-ups competing with the
+                # training step for the CPU): the first record starts its batch timer,
+                # markers and full batches wake it at once.
+                if item.marker is not None or len(self._ready) in (1, WRITER_BATCH):
+                    self._ready_cond.notify()
             if item.marker == "stop":
                 return
 
@@ -194,28 +205,49 @@ class Worker:
         last_flush, dirty = time.monotonic(), False
         while True:
             with self._cond:
-                while not self._ready:
-                    due = self._flush_interval - (time.monotonic() - last_flush)
-                    if dirty and due <= 0:
+                while True:
+                    now = time.monotonic()
+                    if self._ready and (
+                        self._ready_markers
+                        or len(self._ready) >= WRITER_BATCH
+                        or now - self._ready_since >= WRITER_DELAY
+                    ):
                         break
-                    self._cond.wait(timeout=due if dirty else None)
-                item = self._ready.popleft() if self._ready else None
-                if item is not None and item.marker is None:
-                    self._pending -= 1
-            if item is None or item.marker == "flush":
+                    due = self._flush_interval - (now - last_flush)
+                    if dirty and due <= 0 and not self._ready:
+                        break
+                    if self._ready:  # a partial batch: its timer (flushing follows it)
+                        timeout = WRITER_DELAY - (now - self._ready_since)
+                    else:
+                        timeout = due if dirty else None
+                    self._ready_cond.wait(timeout=timeout)
+                batch = list(self._ready)
+                self._ready.clear()
+                self._ready_markers = 0
+                self._pending -= sum(1 for item in batch if item.marker is None)
+            if not batch:  # the periodic flush
                 self._safe(self._on_flush)
                 last_flush, dirty = time.monotonic(), False
-                if item is not None and item.done is not None:
-                    item.done.set()
                 continue
-            if item.marker == "stop":
-                self._safe(self._on_stop)
-                if item.done is not None:
-                    item.done.set()
-                return
-            self._safe(self._handle, item)
-            dirty = True
-            if time.monotonic() - last_flush >= self._flush_interval:
+            for item in batch:
+                if item.marker == "flush":
+                    self._safe(self._on_flush)
+                    last_flush, dirty = time.monotonic(), False
+                    if item.done is not None:
+                        item.done.set()
+                elif item.marker == "stop":
+                    self._safe(self._on_stop)
+                    if item.done is not None:
+                        item.done.set()
+                    return
+                else:
+                    self._safe(self._handle, item)
+                    # Free the device arrays here and now: arrays still referenced by the
+                    # batch when close() returns would be freed on this thread while the
+                    # interpreter exits, which aborts the process.
+                    item.payload = None
+                    dirty = True
+            if dirty and time.monotonic() - last_flush >= self._flush_interval:
                 self._safe(self._on_flush)
                 last_flush, dirty = time.monotonic(), False
 
@@ -226,6 +258,12 @@ class Worker:
         except Exception:  # never let the writer thread die
             logger.exception("penwatch telemetry worker: internal error (record skipped)")
 
+
+WRITER_BATCH = 32
+"""Ready records that wake the writer thread at once (fewer wake-ups per record)."""
+
+WRITER_DELAY = 0.05
+"""Seconds a ready record waits at most for the writer (the records' visible latency)."""
 
 WORKER_NICE = 10
 """Niceness added to the worker threads (Linux): telemetry yields the CPU to training."""

@@ -55,18 +55,6 @@ def _split_batch(batch: Any) -> tuple[Any, Any]:
     )
 
 
-def _leaf_counts(tree: Any) -> dict[str, tuple[jax.Array, jax.Array]]:
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        leaf = jnp.asarray(leaf)
-        if jnp.issubdtype(leaf.dtype, jnp.inexact):  # integer leaves cannot be NaN/Inf
-            out[jax.tree_util.keystr(path)] = (
-                jnp.sum(jnp.isnan(leaf), dtype=jnp.int32),
-                jnp.sum(jnp.isinf(leaf), dtype=jnp.int32),
-            )
-    return out
-
-
 def _strong_types(tree: Any) -> Any:
     """Drop weak types (``jnp.full(n, 0.1)``): updated params are strongly typed, so a
     weakly typed initial leaf would make the second step recompile."""

@@ -32,13 +32,13 @@ from penwatch.diagnostics import ParamTerm, value_and_grad_with_diagnostics
 from penwatch.diagnostics import elastic_net_term as _elastic_net_term
 from penwatch.diagnostics import l1_term as _l1_term
 from penwatch.diagnostics import l2_term as _l2_term
+from penwatch.penalties import leaf_finite_counts
 from penwatch.training._loss import flatten_params
 from penwatch.training._state import (
     StepFunction,
     TrainState,
     _check_names,
     _HostStep,
-    _leaf_counts,
     _normalize_terms,
     _pipeline_order,
     _split_batch,
@@ -68,7 +68,8 @@ Metrics of a penwatch train step (device arrays, flat keys):
   ``pairwise_cosine`` with ``pairwise=True``);
 * ``_leaf_nonfinite`` (not a metric): ``{"params": {path: (nan_count, inf_count)},
   "grads": {...}}`` int32 scalars per leaf (paths from ``jax.tree_util.keystr``; params
-  are the updated ones), from which the monitor names the offending leaves.
+  are the updated ones), from which the monitor names the offending leaves, and
+  ``_leaf_nonfinite_count``, their total (the monitor reads the tree only when > 0).
 """
 
 PenaltyOn = Literal["outputs", "params"] | Callable[[Any, Any], Any]
@@ -165,7 +166,7 @@ def _make_step(
             total = total + term.weight * raw
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        grad_counts = _leaf_counts(grads)
+        grad_counts = leaf_finite_counts(grads)
         bad = sum((n + i for n, i in grad_counts.values()), jnp.zeros((), jnp.int32))
         metrics = {
             "loss": loss,
@@ -180,10 +181,12 @@ def _make_step(
         if skip:
             metrics["update_skipped"] = jnp.logical_not(opt_state.last_finite)
         if leaf_report:
-            metrics["_leaf_nonfinite"] = {
-                "params": _leaf_counts(new_params),
-                "grads": grad_counts,
-            }
+            param_counts = leaf_finite_counts(new_params)
+            metrics["_leaf_nonfinite"] = {"params": param_counts, "grads": grad_counts}
+            # One scalar the monitor reads first: the per-leaf tree is only read when > 0.
+            metrics["_leaf_nonfinite_count"] = bad + sum(
+                (n + i for n, i in param_counts.values()), jnp.zeros((), jnp.int32)
+            )
         new_state = TrainState(new_params, opt_state, state.step + 1, pipe, terms)
         key_order[with_diag] = list(metrics)  # recorded at trace time
         return new_state, metrics
