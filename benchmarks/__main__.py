@@ -1,44 +1,70 @@
 """Run every ``benchmarks/bench_*.py`` module and print one table of ratios.
 
-Each module exposes ``run(report: Report) -> None``. Exit status is 1 when a bar fails.
+Each module exposes ``run(report: Report) -> None`` and runs in a fresh Python process
+of its own, so one benchmark's heap, caches and threads never weigh on another's
+timings (the 200,000-step dashboard store, left in memory, measurably slows the
+monitor benchmark's garbage collections). Exit status is 1 when a bar fails.
+
 Usage: ``python -m benchmarks [name ...]`` (names filter the modules, e.g. ``pipeline``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import json
+import os
 import pathlib
 import platform
+import subprocess
 import sys
 
-import jax
+from benchmarks._harness import Report, Row
 
-from benchmarks._harness import Report
+_ROWS = "PENWATCH_BENCH_ROWS"  # where a child process writes its rows (JSON)
 
 
 def main(argv: list[str]) -> int:
+    if os.environ.get(_ROWS):  # a child: run one module, hand its rows back
+        return _run_one(argv[0], pathlib.Path(os.environ[_ROWS]))
     here = pathlib.Path(__file__).parent
     names = sorted(p.stem for p in here.glob("bench_*.py"))
     if argv:
         names = [n for n in names if any(a in n for a in argv)]
+    print(_machine(), flush=True)
     report = Report()
-    device = jax.devices()[0]
-    print(
-        f"machine: {platform.machine()} {platform.processor() or ''} cpus={_cpus()} "
-        f"backend={jax.default_backend()} device={device.device_kind} jax={jax.__version__}"
-    )
     for name in names:
         print(f"== {name}", flush=True)
-        importlib.import_module(f"benchmarks.{name}").run(report)
+        out = here.parent / "bench-results" / f"{name}.json"
+        out.parent.mkdir(exist_ok=True)
+        out.unlink(missing_ok=True)
+        env = {**os.environ, _ROWS: str(out)}
+        code = subprocess.call([sys.executable, "-m", "benchmarks", name], env=env)
+        if code != 0 or not out.exists():
+            report.add(f"{name}: benchmark process failed (exit {code})", 0.0, passed=False)
+            continue
+        report.rows.extend(Row(**row) for row in json.loads(out.read_text()))
     print()
     print(report.markdown())
     return 1 if report.failed else 0
 
 
-def _cpus() -> int:
-    import os
+def _run_one(name: str, out: pathlib.Path) -> int:
+    report = Report()
+    importlib.import_module(f"benchmarks.{name}").run(report)
+    out.write_text(json.dumps([dataclasses.asdict(row) for row in report.rows]))
+    return 0
 
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+def _machine() -> str:
+    import jax
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (
+        f"machine: {platform.machine()} {platform.processor() or ''} cpus={cpus} "
+        f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} "
+        f"jax={jax.__version__}"
+    )
 
 
 if __name__ == "__main__":

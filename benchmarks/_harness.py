@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -25,6 +25,31 @@ def time_call(fn: Callable[[], Any], *, repeats: int = 20, warmup: int = 3) -> f
         jax.block_until_ready(fn())
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], Any]], *, repeats: int = 20, warmup: int = 3
+) -> dict[str, float]:
+    """Median wall time in seconds of each ``fn()``, measured in interleaved rounds.
+
+    Each round times every function once, in turn, so that a slow period of a shared
+    machine (other processes, frequency changes) hits all of them alike and their
+    ratios stay meaningful. The order rotates from round to round, so that no function
+    always runs right after the same other one (e.g. after an eager, host-syncing
+    pattern that leaves the thread pool asleep and the caches cold).
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn())
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            jax.block_until_ready(fns[name]())
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 @dataclasses.dataclass
@@ -47,7 +72,7 @@ class Report:
     ) -> None:
         self.rows.append(Row(name, value, unit, bar, passed))
         verdict = "" if passed is None else ("  PASS" if passed else "  FAIL")
-        print(f"  {name}: {value:.3f}{unit}  {bar}{verdict}", flush=True)
+        print(f"  {name}: {_fmt(value)}{unit}  {bar}{verdict}", flush=True)
 
     @property
     def failed(self) -> list[Row]:
@@ -57,5 +82,10 @@ class Report:
         lines = ["| measurement | median | bar | verdict |", "|---|---|---|---|"]
         for r in self.rows:
             verdict = "" if r.passed is None else ("pass" if r.passed else "FAIL")
-            lines.append(f"| {r.name} | {r.value:.3f}{r.unit} | {r.bar} | {verdict} |")
+            lines.append(f"| {r.name} | {_fmt(r.value)}{r.unit} | {r.bar} | {verdict} |")
         return "\n".join(lines)
+
+
+def _fmt(value: float) -> str:
+    """Counts print as integers, everything else with three decimals."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.3f}"
