@@ -1,9 +1,9 @@
 """Run every ``benchmarks/bench_*.py`` module and print one table of ratios.
 
 Each module exposes ``run(report: Report) -> None`` and runs in a fresh Python process
-of its own, so one benchmark's heap, caches and threads never weigh on another's
-timings (the 200,000-step dashboard store, left in memory, measurably slows the
-monitor benchmark's garbage collections). Exit status is 1 when a bar fails.
+of its own, after an ``os.sync()``, so one benchmark's heap, threads and disk writeback
+never weigh on another's timings (the dashboard benchmark's 200,000-step store slowed
+the monitor benchmark that followed it from ~1.05x to ~1.09x). Exit status is 1 when a bar fails.
 
 Usage: ``python -m benchmarks [name ...]`` (names filter the modules, e.g. ``pipeline``).
 """
@@ -39,6 +39,7 @@ def main(argv: list[str]) -> int:
         out.parent.mkdir(exist_ok=True)
         out.unlink(missing_ok=True)
         env = {**os.environ, _ROWS: str(out)}
+        os.sync()  # the previous benchmark's disk writeback must not land in this one's timings
         code = subprocess.call([sys.executable, "-m", "benchmarks", name], env=env)
         if code != 0 or not out.exists():
             report.add(f"{name}: benchmark process failed (exit {code})", 0.0, passed=False)
