@@ -4,8 +4,8 @@ The live writer is ``penwatch demo --no-dashboard`` (E's CLI: a real instrumente
 training run writing the SQLite store through the monitor). Chromium is Debian's
 ``/usr/bin/chromium`` driven by Playwright; the test checks that the numbers and charts
 appear and that the step number increases between two reads, and takes a screenshot
-(copied to ``docs/dashboard.png`` when ``PENWATCH_UPDATE_SCREENSHOT=1``). Without Chromium it FAILS when ``CI=true`` and skips loudly
-otherwise.
+(copied to ``docs/dashboard.png`` when ``PENWATCH_UPDATE_SCREENSHOT=1``). Without
+Chromium it FAILS when ``CI=true`` and skips loudly otherwise.
 """
 
 from __future__ import annotations
