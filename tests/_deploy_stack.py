@@ -235,14 +235,7 @@ def start_prometheus(config: Path, port: int, log_dir: Path) -> Managed:
         ],
         log_dir,
     )
-    url = f"http://127.0.0.1:{port}"
-    wait_until(
-        lambda: proc.alive() and requests.get(url + "/-/ready", timeout=1).ok,
-        timeout=30,
-        what="prometheus /-/ready",
-        on_timeout=proc.log_tail,
-    )
-    return proc
+    return _ready(proc, port)
 
 
 def start_alertmanager(port: int, workdir: Path, log_dir: Path) -> Managed:
@@ -261,11 +254,16 @@ def start_alertmanager(port: int, workdir: Path, log_dir: Path) -> Managed:
         ],
         log_dir,
     )
+    return _ready(proc, port)
+
+
+def _ready(proc: Managed, port: int) -> Managed:
+    """Wait (bounded) until a Prometheus-family server answers ``/-/ready``."""
     url = f"http://127.0.0.1:{port}"
     wait_until(
         lambda: proc.alive() and requests.get(url + "/-/ready", timeout=1).ok,
         timeout=30,
-        what="alertmanager /-/ready",
+        what=f"{proc.name} /-/ready",
         on_timeout=proc.log_tail,
     )
     return proc

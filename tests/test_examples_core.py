@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from conftest import run_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,25 +61,12 @@ def _value(out: str, prefix: str) -> float:
 
 
 def test_core_examples_run_and_print_expected_numbers():
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, str(ROOT / "examples" / name)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name in EXPECTED
-    }
     outputs = {}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, f"{name} failed:\n{err}"
+    for name, result in run_examples(EXPECTED, timeout=120).items():
+        assert result.returncode == 0, f"{name} failed:\n{result.stderr}"
         for line in EXPECTED[name]:
-            assert line in out, f"{name}: missing {line!r} in output:\n{out}"
-        outputs[name] = out
+            assert line in result.stdout, f"{name}: missing {line!r} in output:\n{result.stdout}"
+        outputs[name] = result.stdout
     entropy_out = outputs["entropy_normalization.py"]
     sharp = _value(entropy_out, "temperature 0.5")
     flat = _value(entropy_out, "temperature 2.0")

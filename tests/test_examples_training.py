@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -30,36 +29,16 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def example_runs() -> dict[str, subprocess.CompletedProcess]:
-    """Run the examples concurrently (each is mostly JAX compilation)."""
-    env = {**os.environ, "PENWATCH_EXAMPLE_QUICK": "1", "JAX_PLATFORMS": "cpu"}
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, str(EXAMPLES / name)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for name in EXPECTED
-    }
-    out = {}
-    for name, proc in procs.items():
-        try:
-            stdout, _ = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            stdout, _ = proc.communicate()
-        out[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout)
-    return out
+    return run_examples(EXPECTED, env={"PENWATCH_EXAMPLE_QUICK": "1"})
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_example_runs(example_runs, name):
     result = example_runs[name]
-    assert result.returncode == 0, f"{name} failed:\n{result.stdout[-4000:]}"
+    output = result.stdout + result.stderr  # the logging lines go to stderr
+    assert result.returncode == 0, f"{name} failed:\n{output[-4000:]}"
     for line in EXPECTED[name]:
-        assert line in result.stdout, f"{name}: {line!r} missing from output:\n{result.stdout}"
+        assert line in output, f"{name}: {line!r} missing from output:\n{output}"
 
 
 def test_run_all_lists_every_example():
