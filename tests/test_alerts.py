@@ -91,6 +91,22 @@ def test_robust_zscore_matches_scipy():
     assert pw.alerts.robust_zscore(5.0, [2.0] * 10) is None
 
 
+@pytest.mark.parametrize("size", [3, 4, 127, 128])
+def test_robust_zscore_matches_numpy_for_odd_and_even_windows(size):
+    history = np.random.default_rng(size).lognormal(0.0, 0.5, size=size)
+    median = np.median(history)
+    mad = 1.4826 * np.median(np.abs(history - median))
+    assert pw.alerts.robust_zscore(3.0, list(history)) == pytest.approx(
+        (3.0 - median) / mad, rel=1e-12
+    )
+
+
+def test_robust_zscore_falls_back_to_the_mean_deviation_when_the_mad_is_zero():
+    history = [1.0] * 6 + [2.0, 4.0]  # median 1, MAD 0, mean |h - 1| = 4/8
+    assert pw.alerts.robust_zscore(3.0, history) == pytest.approx(2.0 / (1.2533 * 0.5))
+    assert pw.alerts.robust_zscore(3.0, []) is None
+
+
 def test_loss_spike_fires_once_per_spike_through_every_sink(tmp_path):
     rng = np.random.default_rng(1)
     losses = list(1.0 + 0.01 * rng.normal(size=60))
