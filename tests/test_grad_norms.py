@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 import penwatch as pw
-from penwatch.pipeline import grad_norms
+from penwatch.pipeline import _grad_norms, grad_norms
 
 
-@pytest.fixture(scope="module")
-def logprobs() -> jax.Array:
-    return jax.nn.log_softmax(jax.random.normal(jax.random.key(3), (5, 6)))
+@pytest.fixture(scope="module", params=[(5, 6), (70, 250)], ids=["stacked", "separate"])
+def logprobs(request) -> jax.Array:
+    """A small input (all norms from one stacked reduction) and a large one (one each)."""
+    return jax.nn.log_softmax(jax.random.normal(jax.random.key(3), request.param))
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +128,26 @@ def test_grad_norms_function_on_pytrees_with_integer_leaves():
     np.testing.assert_allclose(total, np.hypot(0.0, 2.0), rtol=1e-6)  # (2,4) - 2*(1,1)
     _, _, none = grad_norms(fns, inputs)
     assert none is None
+
+
+@pytest.mark.parametrize("stack_max", [0, 1 << 30], ids=["separate", "stacked"])
+def test_both_reduction_strategies_match_float64_references(monkeypatch, stack_max):
+    monkeypatch.setattr(_grad_norms, "STACK_MAX_ELEMENTS", stack_max)
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(size=(9, 7)), rng.normal(size=(4,))
+    inputs = {"a": jnp.asarray(a, jnp.float32), "b": jnp.asarray(b, jnp.bfloat16)}
+    b = np.asarray(inputs["b"], np.float64)  # the bf16-rounded values the functions see
+    fns = [
+        lambda t: jnp.sum(jnp.sin(t["a"])) + jnp.sum(t["b"].astype(jnp.float32) ** 2),
+        lambda t: jnp.sum(t["a"] ** 3),
+    ]
+    w = jnp.array([0.5, -2.0])
+    # a fresh function object: traced anew under the patched strategy
+    _, norms, total = jax.jit(lambda i, w: grad_norms(fns, i, weights=w))(inputs, w)
+    g0 = np.concatenate([np.cos(a).ravel(), 2 * b])
+    g1 = np.concatenate([3 * a.ravel() ** 2, np.zeros(4)])
+    np.testing.assert_allclose(norms, [np.linalg.norm(g0), np.linalg.norm(g1)], rtol=1e-5)
+    np.testing.assert_allclose(total, np.linalg.norm(0.5 * g0 - 2.0 * g1), rtol=1e-5)
 
 
 def test_grad_norms_argument_errors():
