@@ -88,11 +88,13 @@ class OpenTelemetry(Sink):
         return self._tracer.start_span(
             SPAN_NAMES.get(record.kind, "penwatch.pipeline.compute"),
             start_time=start,
+            # all at once: one attribute validation pass instead of two
             attributes={
                 "penwatch.run": record.run,
                 "penwatch.process": record.process,
                 "penwatch.step": record.step,
                 "penwatch.pipeline": record.pipeline,
+                **self._step_attributes(record),
             },
         )
 
@@ -139,7 +141,6 @@ class OpenTelemetry(Sink):
         self._open_span = None
         try:
             if span.is_recording():
-                span.set_attributes(self._step_attributes(record))
                 if not record.ok or record.leaves:
                     span.add_event(
                         "penwatch.nonfinite",
