@@ -140,23 +140,22 @@ class OpenTelemetry(Sink):
             span = self._start(record)
         self._open_span = None
         try:
-            if span.is_recording():
-                if not record.ok or record.leaves:
-                    span.add_event(
-                        "penwatch.nonfinite",
-                        {
-                            "penwatch.nonfinite.metrics": [nf.key for nf in record.nonfinite],
-                            "penwatch.nonfinite.kinds": [nf.kind for nf in record.nonfinite],
-                            "penwatch.nonfinite.first": (
-                                record.nonfinite[0].key if record.nonfinite else ""
-                            ),
-                            "penwatch.nonfinite.leaves": [
-                                f"{lf.tree}{lf.path}" for lf in record.leaves
-                            ],
-                        },
-                        timestamp=record.ready_at_ns,
-                    )
-                    span.set_status(Status(StatusCode.ERROR, describe(record)))
+            if span.is_recording() and (not record.ok or record.leaves):
+                span.add_event(
+                    "penwatch.nonfinite",
+                    {
+                        "penwatch.nonfinite.metrics": [nf.key for nf in record.nonfinite],
+                        "penwatch.nonfinite.kinds": [nf.kind for nf in record.nonfinite],
+                        "penwatch.nonfinite.first": (
+                            record.nonfinite[0].key if record.nonfinite else ""
+                        ),
+                        "penwatch.nonfinite.leaves": [
+                            f"{lf.tree}{lf.path}" for lf in record.leaves
+                        ],
+                    },
+                    timestamp=record.ready_at_ns,
+                )
+                span.set_status(Status(StatusCode.ERROR, describe(record)))
         finally:
             span.end(end_time=record.ready_at_ns or time.time_ns())
 
