@@ -21,6 +21,7 @@ from opentelemetry.trace import StatusCode
 import penwatch as pw
 from penwatch._demo import _train
 from penwatch._demo._tracing import configure_tracing, tracing_requested
+from penwatch.sinks import _otel
 
 STEPS, NAN_AT = 12, 4
 
@@ -34,7 +35,10 @@ def memory():
     provider.shutdown()
 
 
-def test_train_step_spans_attributes_times_and_nan(memory):
+@pytest.mark.parametrize("max_plans", [64, 1], ids=["cached", "evicting"])
+def test_train_step_spans_attributes_times_and_nan(memory, monkeypatch, max_plans):
+    # diagnostics steps add keys: the attribute plans per key layout must follow them
+    monkeypatch.setattr(_otel, "_MAX_PLANS", max_plans)
     provider, exporter = memory
     records: list = []
     monitor = pw.Monitor(
@@ -60,6 +64,10 @@ def test_train_step_spans_attributes_times_and_nan(memory):
             rec.values["l2_weighted"]
         )
         assert rec.trace_id == span.context.trace_id
+        # every recorded value is an attribute, once (NaN compares as its text)
+        prefixes = ("penwatch.penalty.", "penwatch.term.", "penwatch.metric.")
+        carried = [v for k, v in span.attributes.items() if k.startswith(prefixes)]
+        assert sorted(map(repr, carried)) == sorted(map(repr, rec.values.values()))
         if rec.terms:
             assert "penwatch.term.orthogonality.grad_share" in span.attributes
     bad = by_step[NAN_AT]

@@ -24,6 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import penwatch as pw
 from penwatch._demo import _train
+from penwatch.sinks import _prometheus
+from penwatch.telemetry import RunInfo, StepRecord
+from penwatch.telemetry._record import parse_penalties, parse_terms
 
 RUN = {"run", "process"}
 PEN = RUN | {"pipeline", "penalty"}
@@ -225,3 +228,32 @@ def test_bad_options():
         pw.sinks.Prometheus(port=70000)
     with pytest.raises(ValueError, match="option 'registry'"):
         pw.sinks.Prometheus(registry=object())
+
+
+@pytest.mark.parametrize("max_plans", [64, 1], ids=["cached", "evicting"])
+def test_gauges_follow_changing_key_layouts(monkeypatch, max_plans):
+    # Diagnostics steps add keys every N steps; pipelines differ: each layout has its plan.
+    monkeypatch.setattr(_prometheus, "_MAX_PLANS", max_plans)
+    sink = pw.sinks.Prometheus(port=None)
+    sink.open(RunInfo("layouts", 0, "1", "cpu", 1, 0.0))
+    plain = {"l2": 1.0, "l2_weighted": 0.1, "l2_weight": 0.1, "total": 0.1}
+    diag = {**plain, "l2_param_grad_norm": 3.0, "l2_grad_share": 0.25, "base_grad_cosine": 1.0}
+    layouts = [("a", plain), ("a", diag), ("b", plain), ("a", plain), ("a", diag)]
+    for step, (pipe, values) in enumerate(layouts):
+        values = {k: v + step for k, v in values.items()}
+        penalties, terms = parse_penalties(values), parse_terms(values)
+        sink.write_step(
+            StepRecord(run="layouts", process=0, step=step, pipeline=pipe, wall_time=0.0,
+                       values=values, penalties=penalties, terms=terms)
+        )  # fmt: skip
+
+    def sample(name: str, pipeline: str, penalty: str, **extra: str) -> float | None:
+        labels = {"run": "layouts", "process": "0", "pipeline": pipeline, "penalty": penalty}
+        return sink.registry.get_sample_value(name, {**labels, **extra})
+
+    assert sample("penwatch_penalty_value", "a", "l2") == 1.0 + 4
+    assert sample("penwatch_penalty_weighted_value", "b", "l2") == 0.1 + 2
+    assert sample("penwatch_penalty_grad_share", "a", "l2") == 0.25 + 4
+    assert sample("penwatch_penalty_grad_norm", "a", "l2", wrt="params") == 3.0 + 4
+    assert sample("penwatch_penalty_grad_share", "b", "l2") is None
+    sink.close()

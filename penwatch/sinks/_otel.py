@@ -75,6 +75,8 @@ class OpenTelemetry(Sink):
         self.tracer_provider = tracer_provider
         self._tracer: trace.Tracer | None = None
         self._open_span: tuple[int, trace.Span] | None = None
+        # attribute name -> metric key, per layout of a record's keys (they rarely change)
+        self._plans: dict[tuple[Any, ...], tuple[tuple[str, str], ...]] = {}
 
     def open(self, info: RunInfo) -> None:
         self._tracer = trace.get_tracer(
@@ -159,26 +161,37 @@ class OpenTelemetry(Sink):
         finally:
             span.end(end_time=record.ready_at_ns or time.time_ns())
 
-    @staticmethod
-    def _step_attributes(record: StepRecord) -> dict[str, Any]:
+    def _step_attributes(self, record: StepRecord) -> dict[str, Any]:
         values = record.values
-        attrs: dict[str, Any] = {}
+        layout = (tuple(values), record.penalties, record.terms)
+        plan = self._plans.get(layout)
+        if plan is None:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[layout] = _attribute_plan(record)
+        attrs: dict[str, Any] = {name: values[key] for name, key in plan}
         if record.loss is not None:
             attrs["penwatch.loss"] = record.loss
         if record.duration_seconds is not None:
             attrs["penwatch.duration_seconds"] = record.duration_seconds
-        used = set()
-        for p in record.penalties:
-            for quantity, suffix in PENALTY_QUANTITIES.items():
-                if p + suffix in values:
-                    attrs[f"penwatch.penalty.{p}.{quantity}"] = values[p + suffix]
-                    used.add(p + suffix)
-        for t in record.terms:
-            for quantity, suffix in TERM_QUANTITIES.items():
-                if t + suffix in values:
-                    attrs[f"penwatch.term.{t}.{quantity}"] = values[t + suffix]
-                    used.add(t + suffix)
-        for key, value in values.items():
-            if key not in used:
-                attrs[f"penwatch.metric.{key}"] = value
         return attrs
+
+
+_MAX_PLANS = 64
+
+
+def _attribute_plan(record: StepRecord) -> tuple[tuple[str, str], ...]:
+    """(span attribute, metric key) pairs for a record's keys: penalties, terms, the rest."""
+    values = record.values
+    plan: list[tuple[str, str]] = []
+    for p in record.penalties:
+        for quantity, suffix in PENALTY_QUANTITIES.items():
+            if p + suffix in values:
+                plan.append((f"penwatch.penalty.{p}.{quantity}", p + suffix))
+    for t in record.terms:
+        for quantity, suffix in TERM_QUANTITIES.items():
+            if t + suffix in values:
+                plan.append((f"penwatch.term.{t}.{quantity}", t + suffix))
+    used = {key for _, key in plan}
+    plan.extend((f"penwatch.metric.{key}", key) for key in values if key not in used)
+    return tuple(plan)

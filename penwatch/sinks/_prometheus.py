@@ -26,6 +26,7 @@ __all__ = ["DURATION_BUCKETS", "METRICS", "Prometheus"]
 
 logger = logging.getLogger("penwatch.sinks")
 _FN = "penwatch.sinks.Prometheus"
+_MAX_PLANS = 64  # cached gauge plans (layouts of metric keys) before starting over
 
 _RUN = ("run", "process")
 _PEN = (*_RUN, "pipeline", "penalty")
@@ -142,6 +143,8 @@ class Prometheus(Sink):
         self.buckets = tuple(buckets)
         self._metrics: dict[str, Any] | None = None
         self._children: dict[tuple[Any, ...], Any] = {}
+        # (gauge child, metric key) pairs per pipeline and layout of a record's keys
+        self._plans: dict[tuple[Any, ...], tuple[tuple[Any, str], ...]] = {}
         self._server: Any = None
         self._info: RunInfo | None = None
         self._base: tuple[str, str] = ("", "0")
@@ -211,25 +214,15 @@ class Prometheus(Sink):
         child("penwatch_last_step_timestamp_seconds", *base).set(record.wall_time)
         if record.loss is not None:
             child("penwatch_loss", *base).set(record.loss)
+        layout = (record.pipeline, tuple(values), record.penalties, record.terms)
+        plan = self._plans.get(layout)
+        if plan is None:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[layout] = self._gauge_plan(record)
+        for gauge, key in plan:
+            gauge.set(values[key])
         pipe = record.pipeline
-        for p in record.penalties:
-            for suffix, metric in _PENALTY_GAUGES:
-                if p + suffix in values:
-                    child(metric, *base, pipe, p).set(values[p + suffix])
-            if p + "_grad_norm" in values:
-                child("penwatch_penalty_grad_norm", *base, pipe, p, "input").set(
-                    values[p + "_grad_norm"]
-                )
-        if "total" in values:
-            child("penwatch_pipeline_value", *base, pipe).set(values["total"])
-        for t in record.terms:
-            if t + "_param_grad_norm" in values:
-                child("penwatch_penalty_grad_norm", *base, pipe, t, "params").set(
-                    values[t + "_param_grad_norm"]
-                )
-            for suffix, metric in _TERM_GAUGES:
-                if t + suffix in values:
-                    child(metric, *base, pipe, t).set(values[t + suffix])
         for nf in record.nonfinite:
             child("penwatch_nonfinite_total", *base, nf.kind, nf.key).inc()
         if record.duration_seconds is not None:
@@ -244,6 +237,29 @@ class Prometheus(Sink):
             if delta > 0:
                 child("penwatch_telemetry_dropped_total", *base, reason).inc(delta)
                 self._dropped_seen[reason] = count
+
+    def _gauge_plan(self, record: StepRecord) -> tuple[tuple[Any, str], ...]:
+        """(gauge child, metric key) pairs for the per-penalty and per-term gauges."""
+        base, values, child, pipe = self._base, record.values, self._child, record.pipeline
+        plan: list[tuple[Any, str]] = []
+        for p in record.penalties:
+            for suffix, metric in _PENALTY_GAUGES:
+                if p + suffix in values:
+                    plan.append((child(metric, *base, pipe, p), p + suffix))
+            if p + "_grad_norm" in values:
+                plan.append(
+                    (child("penwatch_penalty_grad_norm", *base, pipe, p, "input"), p + "_grad_norm")
+                )
+        if "total" in values:
+            plan.append((child("penwatch_pipeline_value", *base, pipe), "total"))
+        for t in record.terms:
+            if t + "_param_grad_norm" in values:
+                gauge = child("penwatch_penalty_grad_norm", *base, pipe, t, "params")
+                plan.append((gauge, t + "_param_grad_norm"))
+            for suffix, metric in _TERM_GAUGES:
+                if t + suffix in values:
+                    plan.append((child(metric, *base, pipe, t), t + suffix))
+        return tuple(plan)
 
     def write_event(self, event: Event) -> None:
         if self._metrics is None or event.kind not in ("alert", "nonfinite"):
