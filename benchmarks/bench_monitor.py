@@ -36,7 +36,7 @@ import penwatch as pw
 from benchmarks._harness import Report
 from penwatch.diagnostics import l1_term, l2_term
 
-STEPS, PAIRS = 200, 21
+STEPS, PAIRS = 200, 41
 D_IN, WIDTH, N_OUT, BATCH = 256, 512, 10, 256
 
 
