@@ -128,6 +128,9 @@ def test_grad_norms_function_on_pytrees_with_integer_leaves():
     np.testing.assert_allclose(total, np.hypot(0.0, 2.0), rtol=1e-6)  # (2,4) - 2*(1,1)
     _, _, none = grad_norms(fns, inputs)
     assert none is None
+    # nothing to differentiate: zero norms, whichever reduction strategy the size picks
+    _, norms, total = grad_norms([lambda i: jnp.sum(i) * 1.0], jnp.arange(3), weights=[2.0])
+    assert norms.tolist() == [0.0] and float(total) == 0.0
 
 
 @pytest.mark.parametrize("stack_max", [0, 1 << 30], ids=["separate", "stacked"])
