@@ -16,6 +16,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import StatusCode
 
 import penwatch as pw
@@ -107,6 +108,35 @@ def test_global_provider_is_a_no_op_until_configured():
         monitor.record(0, {"l1": 1.0, "l1_weight": 1.0})
     assert records[0].trace_id is None
     assert monitor.stats.sink_errors["OpenTelemetry"] == 0
+
+
+class _EveryOther(Sampler):
+    """Samples steps 0, 2, 4, ...: spans alternate between recorded and not."""
+
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None,
+                      links=None, trace_state=None):  # fmt: skip
+        if attributes["penwatch.step"] % 2:
+            return SamplingResult(Decision.DROP)
+        return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+
+    def get_description(self) -> str:
+        return "every other step"
+
+
+def test_sampled_spans_carry_every_value_when_sampling_alternates():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=_EveryOther())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with pw.Monitor("sampled", sinks=[pw.sinks.OpenTelemetry(provider)], alerts=[]) as monitor:
+        for step in range(6):
+            monitor.record(step, {"l1": float(step), "l1_weight": 0.5, "total": 0.5 * step})
+    spans = sorted(exporter.get_finished_spans(), key=lambda s: s.attributes["penwatch.step"])
+    assert [s.attributes["penwatch.step"] for s in spans] == [0, 2, 4]
+    for span in spans:
+        step = span.attributes["penwatch.step"]
+        assert span.attributes["penwatch.penalty.l1.value"] == float(step)
+        assert span.attributes["penwatch.metric.total"] == 0.5 * step
+    provider.shutdown()
 
 
 class _Receiver(http.server.BaseHTTPRequestHandler):

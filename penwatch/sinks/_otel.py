@@ -77,6 +77,7 @@ class OpenTelemetry(Sink):
         self._open_span: tuple[int, trace.Span] | None = None
         # attribute name -> metric key, per layout of a record's keys (they rarely change)
         self._plans: dict[tuple[Any, ...], tuple[tuple[str, str], ...]] = {}
+        self._sampled = True  # whether the last span was recording
 
     def open(self, info: RunInfo) -> None:
         self._tracer = trace.get_tracer(
@@ -87,18 +88,27 @@ class OpenTelemetry(Sink):
         if self._tracer is None:
             raise RuntimeError("penwatch.sinks.OpenTelemetry: used before open")
         start = record.dispatched_at_ns or int(record.wall_time * 1e9)
-        return self._tracer.start_span(
+        attributes = {
+            "penwatch.run": record.run,
+            "penwatch.process": record.process,
+            "penwatch.step": record.step,
+            "penwatch.pipeline": record.pipeline,
+        }
+        # The step's values go in at the start (the SDK validates attributes on every
+        # call: one pass instead of two) when the last span was sampled, so that an
+        # unconfigured (no-op) or unsampling tracer costs no attribute building.
+        if self._sampled:
+            attributes.update(self._step_attributes(record))
+        span = self._tracer.start_span(
             SPAN_NAMES.get(record.kind, "penwatch.pipeline.compute"),
             start_time=start,
-            # all at once: one attribute validation pass instead of two
-            attributes={
-                "penwatch.run": record.run,
-                "penwatch.process": record.process,
-                "penwatch.step": record.step,
-                "penwatch.pipeline": record.pipeline,
-                **self._step_attributes(record),
-            },
+            attributes=attributes,
         )
+        sampled = span.is_recording()
+        if sampled and not self._sampled:
+            span.set_attributes(self._step_attributes(record))
+        self._sampled = sampled
+        return span
 
     def begin_step(self, record: StepRecord) -> int | None:
         """Open the record's span; returns its trace id (None when tracing is off)."""
