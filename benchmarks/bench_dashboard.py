@@ -23,9 +23,9 @@ STEPS = 200_000
 
 
 def _store(path: pathlib.Path) -> None:
+    from penwatch.schema import RunInfo
     from penwatch.store import StoreWriter
     from penwatch.store._synthetic import synthetic_run
-    from penwatch.telemetry import RunInfo
 
     w = StoreWriter(path, batch_size=4096, flush_interval=1e9)
     w.open_run(RunInfo("long", 0, "bench", "cpu", 1, time.time()))

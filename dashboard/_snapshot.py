@@ -14,22 +14,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from penwatch import store
+from penwatch import schema, store
+from penwatch.schema import thresholds
 
 ALL_PROCESSES = None
 """``process`` value meaning every process of the run, aggregated."""
 
-DOMINANCE_THRESHOLD = 0.5
+DOMINANCE_THRESHOLD = thresholds.DOMINANCE_SHARE
 """A penalty whose gradient share exceeds this dominates (as ``GradientDominance``)."""
 
-CONFLICT_COSINE = -0.5
+CONFLICT_COSINE = thresholds.CONFLICT_COSINE
 """A penalty whose cosine to the base-loss gradient is below this conflicts with it."""
 
 OPEN_ALERT_STEPS = 500
 """An alert counts as open while fewer steps than this have passed since it fired, or
 while its condition (dominance, conflict, non-finite) still holds."""
 
-TERM_QUANTITIES = ("param_grad_norm", "grad_share", "grad_cosine")
+TERM_QUANTITIES = tuple(schema.TERM_QUANTITIES)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,10 +29,10 @@ from penwatch.penalties._validation import validate as validate
 
 # --- composition: pipelines, events, gradient diagnostics ---
 from penwatch import events as events
-from penwatch.pipeline import MultiPipeline as MultiPipeline
-from penwatch.pipeline import Pipeline as Pipeline
-from penwatch.pipeline import multi_pipeline as multi_pipeline
-from penwatch.pipeline import pipeline as pipeline
+from penwatch.pipelines import MultiPipeline as MultiPipeline
+from penwatch.pipelines import Pipeline as Pipeline
+from penwatch.pipelines import multi_pipeline as multi_pipeline
+from penwatch.pipelines import pipeline as pipeline
 from penwatch import diagnostics as diagnostics
 from penwatch.diagnostics import gradient_diagnostics as gradient_diagnostics
 

@@ -182,9 +182,9 @@ def demo(args: argparse.Namespace) -> int:
         sinks.append(pw.sinks.OpenTelemetry(provider))
     alerts = [
         pw.alerts.NonFinite(),
-        pw.alerts.GradientDominance(threshold=0.5, patience=20),
-        pw.alerts.GradientConflict(cosine_below=-0.5, patience=20),
-        pw.alerts.LossSpike(zscore=6.0, window=128),
+        pw.alerts.GradientDominance(),
+        pw.alerts.GradientConflict(),
+        pw.alerts.LossSpike(),
     ]
     dashboard = None if args.no_dashboard else _start_dashboard(args.db, args.dashboard_port)
     stop = threading.Event()

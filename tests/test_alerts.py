@@ -15,12 +15,11 @@ from opentelemetry.trace import StatusCode
 
 import penwatch as pw
 from penwatch._demo import _train
-from penwatch.telemetry import StepRecord, find_nonfinite
-from penwatch.telemetry._record import parse_penalties, parse_terms
+from penwatch.schema import StepRecord, find_nonfinite, layout_of
 
 
 def _record(step: int, values: dict[str, float], *, pipeline: str = "p") -> StepRecord:
-    penalties, terms = parse_penalties(values), parse_terms(values)
+    layout = layout_of(values)
     return StepRecord(
         run="r",
         process=0,
@@ -28,10 +27,9 @@ def _record(step: int, values: dict[str, float], *, pipeline: str = "p") -> Step
         pipeline=pipeline,
         wall_time=0.0,
         values=values,
-        penalties=penalties,
-        terms=terms,
+        layout=layout,
         loss=values.get("loss"),
-        nonfinite=find_nonfinite(values, penalties, terms),
+        nonfinite=find_nonfinite(tuple(values.values()), layout),
     )
 
 

@@ -14,8 +14,8 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard import sources
 from penwatch import store
+from penwatch.schema import Event, RunInfo, StepRecord
 from penwatch.store._synthetic import synthetic_run
-from penwatch.telemetry import Event, RunInfo, StepRecord
 
 APP = str(pathlib.Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 TITLES = {
@@ -57,7 +57,7 @@ def _lean(run: str, steps: int, spike: int) -> list[StepRecord]:
             "total": 0.01,
             "loss": loss + 0.01,
         }
-        out.append(StepRecord(run, 0, s, "default", 1e9 + s, v, ("l2",), (), loss, 0.003))
+        out.append(StepRecord(run, 0, s, "default", 1e9 + s, v, loss=loss, duration_seconds=0.003))
     return out
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import penwatch as pw
-from penwatch.pipeline import _grad_norms, grad_norms
+from penwatch.pipelines import _grad_norms, grad_norms
 
 
 @pytest.fixture(scope="module", params=[(5, 6), (70, 250)], ids=["stacked", "separate"])

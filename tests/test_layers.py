@@ -1,26 +1,46 @@
-"""Dependencies point one way: math <- composition <- training <- telemetry <- dashboard.
+"""Dependencies point one way, as docs/ARCHITECTURE.md draws them (SPEC section 10).
 
-Parses every module's imports (``ast``, nothing is executed) and checks each layer
-imports only the layers below it (docs/ARCHITECTURE.md).
+Parses every module's imports (``ast``, nothing is executed) and checks each part
+imports only the parts the ``imports`` table of docs/ARCHITECTURE.md allows; the table
+itself must be acyclic and name every part of the package. Also: ``import
+penwatch.<subpackage>`` gives the subpackage (no public name shadows one).
 """
 
 import ast
+import importlib
 import pathlib
+import re
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import penwatch
 
-# layer -> penwatch subpackages/modules it may import (besides itself)
-ALLOWED = {
-    "penwatch/penalties": {"_checks"},
-    "penwatch/events.py": set(),
-    "penwatch/pipeline": {"_checks", "events", "penalties"},
-    "penwatch/diagnostics": {"_checks", "events", "penalties", "pipeline"},
-    "penwatch/optim": {"_checks", "penalties"},
-    "penwatch/training": {"_checks", "events", "penalties", "pipeline", "diagnostics", "optim"},
-    "dashboard": {"store", "_version"},
-}
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
+
+
+def _allowed() -> dict[str, set[str]]:
+    text = ARCHITECTURE.read_text()
+    block = re.search(r"```imports\n(.*?)```", text, re.S)
+    assert block, "docs/ARCHITECTURE.md has no ```imports table"
+    table = {}
+    for line in block.group(1).splitlines():
+        part, _, deps = line.partition(":")
+        table[part.strip()] = {d.strip() for d in deps.split(",") if d.strip()}
+    return table
+
+
+ALLOWED = _allowed()
+
+
+def _part(path: pathlib.Path) -> str:
+    """The part a file belongs to: ``penwatch/sinks/_otel.py`` -> ``sinks``."""
+    rel = path.relative_to(ROOT).parts
+    if rel[0] == "dashboard":
+        return "dashboard"
+    if rel[1] == "__init__.py":
+        return "penwatch"  # the public API
+    return rel[1].removesuffix(".py")
 
 
 def _penwatch_imports(path: pathlib.Path) -> set[str]:
@@ -43,18 +63,61 @@ def _penwatch_imports(path: pathlib.Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("layer", sorted(ALLOWED))
-def test_layer_imports_only_lower_layers(layer):
-    target = ROOT / layer
-    files = [target] if target.suffix == ".py" else sorted(target.rglob("*.py"))
-    assert files, f"no modules found under {layer}"
-    own = target.stem
+def _modules() -> list[pathlib.Path]:
+    return sorted((ROOT / "penwatch").rglob("*.py")) + sorted((ROOT / "dashboard").rglob("*.py"))
+
+
+def test_every_part_is_in_the_table():
+    parts = {_part(f) for f in _modules()}
+    assert parts == set(ALLOWED), (
+        f"parts missing from docs/ARCHITECTURE.md: {sorted(parts - set(ALLOWED))}; "
+        f"listed but absent: {sorted(set(ALLOWED) - parts)}"
+    )
+
+
+def test_the_table_has_no_cycle():
+    state: dict[str, int] = {}
+
+    def visit(part: str, path: tuple[str, ...]) -> None:
+        if state.get(part) == 2:
+            return
+        assert state.get(part) != 1, f"cycle: {' -> '.join((*path, part))}"
+        state[part] = 1
+        for dep in ALLOWED.get(part, ()):
+            visit(dep, (*path, part))
+        state[part] = 2
+
+    for part in ALLOWED:
+        if part != "penwatch":
+            visit(part, ())
+
+
+@pytest.mark.parametrize("part", sorted(ALLOWED))
+def test_part_imports_only_what_the_table_allows(part):
+    files = [f for f in _modules() if _part(f) == part]
+    assert files, f"no modules found for {part}"
     bad = {}
     for path in files:
-        extra = _penwatch_imports(path) - ALLOWED[layer] - {own}
+        extra = _penwatch_imports(path) - ALLOWED[part] - {part}
         if extra:
             bad[str(path.relative_to(ROOT))] = sorted(extra)
-    assert not bad, f"{layer} imports layers above it: {bad}"
+    assert not bad, f"{part} imports parts the architecture does not allow: {bad}"
+
+
+def test_the_schema_imports_nothing_of_penwatch_at_run_time():
+    # The ground floor: importing it must not pull in a layer above (a cycle in waiting).
+    for path in sorted((ROOT / "penwatch" / "schema").rglob("*.py")):
+        assert _penwatch_imports(path) <= {"schema"}, path
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in (ROOT / "penwatch").iterdir() if (p / "__init__.py").exists())
+)
+def test_no_public_name_shadows_a_subpackage(name):
+    module = importlib.import_module(f"penwatch.{name}")
+    assert getattr(penwatch, name, module) is module
+    # ``import penwatch.x as y`` binds the attribute, which must be the module too
+    assert importlib.import_module(f"penwatch.{name}").__name__ == f"penwatch.{name}"
 
 
 def test_dashboard_never_creates_metrics_tracers_or_writers():

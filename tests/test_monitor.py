@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 import penwatch as pw
-from penwatch.telemetry import find_nonfinite, leaf_nonfinite, leaf_reports
+from penwatch.schema import find_nonfinite, layout_of, leaf_reports
+from penwatch.telemetry import leaf_nonfinite
 
 
 class _SlowScalar:
@@ -112,11 +113,8 @@ def test_records_keep_order_and_values():
     assert [r.step for r in records] == list(range(50))
     assert all(r.values["l1"] == r.step for r in records)
     assert records[3].penalties == ("l1",)
-    assert records[3].penalty("l1") == {
-        "value": 3.0,
-        "weighted": pytest.approx(0.3),
-        "weight": pytest.approx(0.1),
-    }
+    l1 = records[3].penalty("l1")
+    assert (l1.value, l1.weighted, l1.weight) == (3.0, pytest.approx(0.3), pytest.approx(0.1))
     assert records[3].pipeline == "p" and records[3].run == "order"
     assert records[3].kind == "pipeline_compute"
     assert monitor.stats.processed == monitor.stats.recorded == 50
@@ -156,7 +154,7 @@ def test_first_offender_order_and_leaf_report():
         "base_grad_share": math.nan,
         "b_grad_share": math.nan,
     }
-    found = find_nonfinite(values, ("a", "b"), ("base", "b"))
+    found = find_nonfinite(tuple(values.values()), layout_of(values, ("a", "b")))
     assert [nf.key for nf in found] == [
         "b", "b_weighted", "total", "loss", "base_grad_share", "b_grad_share",
     ]  # fmt: skip

@@ -24,9 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import penwatch as pw
 from penwatch._demo import _train
+from penwatch.schema import RunInfo, StepRecord
 from penwatch.sinks import _prometheus
-from penwatch.telemetry import RunInfo, StepRecord
-from penwatch.telemetry._record import parse_penalties, parse_terms
 
 RUN = {"run", "process"}
 PEN = RUN | {"pipeline", "penalty"}
@@ -118,11 +117,9 @@ def test_values_equal_what_was_recorded(run):
     for p in ("entropy", "output_magnitude", "orthogonality", "l1", "l2"):
         want = last.penalty(p)
         kw = {"pipeline": "demo", "penalty": p}
-        assert _value(fam, "penwatch_penalty_value", **kw) == pytest.approx(want["value"])
-        assert _value(fam, "penwatch_penalty_weighted_value", **kw) == pytest.approx(
-            want["weighted"]
-        )
-        assert _value(fam, "penwatch_penalty_weight", **kw) == pytest.approx(want["weight"])
+        assert _value(fam, "penwatch_penalty_value", **kw) == pytest.approx(want.value)
+        assert _value(fam, "penwatch_penalty_weighted_value", **kw) == pytest.approx(want.weighted)
+        assert _value(fam, "penwatch_penalty_weight", **kw) == pytest.approx(want.weight)
     assert _value(fam, "penwatch_pipeline_value", pipeline="demo") == pytest.approx(
         last.values["total"]
     )
@@ -130,12 +127,10 @@ def test_values_equal_what_was_recorded(run):
         kw = {"pipeline": "demo", "penalty": t}
         diag = last_diag.term(t)
         assert _value(fam, "penwatch_penalty_grad_norm", wrt="params", **kw) == pytest.approx(
-            diag["param_grad_norm"]
+            diag.param_grad_norm
         )
-        assert _value(fam, "penwatch_penalty_grad_share", **kw) == pytest.approx(diag["grad_share"])
-        assert _value(fam, "penwatch_penalty_grad_cosine", **kw) == pytest.approx(
-            diag["grad_cosine"]
-        )
+        assert _value(fam, "penwatch_penalty_grad_share", **kw) == pytest.approx(diag.grad_share)
+        assert _value(fam, "penwatch_penalty_grad_cosine", **kw) == pytest.approx(diag.grad_cosine)
     reg = run["records"][-1]
     assert reg.pipeline == "reg"
     assert _value(
@@ -241,10 +236,9 @@ def test_gauges_follow_changing_key_layouts(monkeypatch, max_plans):
     layouts = [("a", plain), ("a", diag), ("b", plain), ("a", plain), ("a", diag)]
     for step, (pipe, values) in enumerate(layouts):
         values = {k: v + step for k, v in values.items()}
-        penalties, terms = parse_penalties(values), parse_terms(values)
         sink.write_step(
             StepRecord(run="layouts", process=0, step=step, pipeline=pipe, wall_time=0.0,
-                       values=values, penalties=penalties, terms=terms)
+                       values=values)
         )  # fmt: skip
 
     def sample(name: str, pipeline: str, penalty: str, **extra: str) -> float | None:

@@ -20,8 +20,8 @@ import time
 import pytest
 
 from penwatch import sinks, store
+from penwatch.schema import Event, RunInfo
 from penwatch.store._synthetic import synthetic_record, synthetic_run
-from penwatch.telemetry import Event, RunInfo
 
 
 def _info(run: str = "r") -> RunInfo:
@@ -225,7 +225,7 @@ _READONLY_CHILD = textwrap.dedent(
     import os, sys, time
     from penwatch import sinks, store
     from penwatch.store._synthetic import synthetic_run
-    from penwatch.telemetry import RunInfo
+    from penwatch.schema import RunInfo
     path = sys.argv[1]
     records = list(synthetic_run("ro", 20))
     sink = sinks.SQLite(path, batch_size=5)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from penwatch import store
+from penwatch.schema import Event, RunInfo
 from penwatch.store._synthetic import synthetic_record, synthetic_run
-from penwatch.telemetry import Event, RunInfo
 
 
 def _info(run: str = "r", process: int = 0) -> RunInfo:

@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
-from penwatch.telemetry._record import Event, EventKind, Severity, StepRecord
+from penwatch.schema import Event, EventKind, Severity, StepRecord
 
 __all__ = ["Alert", "Episodes"]
 
@@ -27,6 +27,14 @@ class Alert(abc.ABC):
     @abc.abstractmethod
     def evaluate(self, record: StepRecord) -> Sequence[Event]:
         """Events fired by this record (usually none)."""
+
+    def take_error(self) -> BaseException | None:
+        """An exception to raise on the training thread, handed over once (default none).
+
+        The monitor asks after every evaluation and raises the first one it gets at the
+        next ``record``/``flush``/``close`` call (``NonFinite(action="raise")``).
+        """
+        return None
 
     def _event(
         self,

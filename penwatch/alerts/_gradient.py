@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 from penwatch import _checks
 from penwatch.alerts._base import Alert, Episodes
-from penwatch.telemetry._record import Event, StepRecord
+from penwatch.schema import BASE_TERM, Event, StepRecord
+from penwatch.schema import thresholds as th
 
 __all__ = ["GradientConflict", "GradientDominance"]
 
@@ -30,7 +31,9 @@ class GradientDominance(Alert):
 
     name = "GradientDominance"
 
-    def __init__(self, threshold: float = 0.5, patience: int = 20) -> None:
+    def __init__(
+        self, threshold: float = th.DOMINANCE_SHARE, patience: int = th.DOMINANCE_PATIENCE
+    ) -> None:
         fn = "penwatch.alerts.GradientDominance"
         self.threshold = _checks.check_finite_real(fn, "threshold", threshold)
         self.patience = _checks.check_int(fn, "patience", patience, min=1)
@@ -38,9 +41,9 @@ class GradientDominance(Alert):
 
     def evaluate(self, record: StepRecord) -> Sequence[Event]:
         events = []
-        for term in record.terms:
-            share = record.values.get(term + "_grad_share")
-            if term == "base" or share is None:
+        for values in record.term_values:
+            term, share = values.name, values.grad_share
+            if term == BASE_TERM or share is None:
                 continue
             if self._episodes.update((record.pipeline, term), share > self.threshold):
                 events.append(
@@ -77,7 +80,9 @@ class GradientConflict(Alert):
 
     name = "GradientConflict"
 
-    def __init__(self, cosine_below: float = -0.5, patience: int = 20) -> None:
+    def __init__(
+        self, cosine_below: float = th.CONFLICT_COSINE, patience: int = th.CONFLICT_PATIENCE
+    ) -> None:
         fn = "penwatch.alerts.GradientConflict"
         self.cosine_below = _checks.check_in_range(fn, "cosine_below", cosine_below, -1.0, 1.0)
         self.patience = _checks.check_int(fn, "patience", patience, min=1)
@@ -85,9 +90,9 @@ class GradientConflict(Alert):
 
     def evaluate(self, record: StepRecord) -> Sequence[Event]:
         events = []
-        for term in record.terms:
-            cosine = record.values.get(term + "_grad_cosine")
-            if term == "base" or cosine is None:
+        for values in record.term_values:
+            term, cosine = values.name, values.grad_cosine
+            if term == BASE_TERM or cosine is None:
                 continue
             conflict = math.isfinite(cosine) and cosine < self.cosine_below
             if self._episodes.update((record.pipeline, term), conflict):

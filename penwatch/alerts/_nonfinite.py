@@ -9,8 +9,7 @@ from typing import Any
 from penwatch import _checks
 from penwatch.alerts._base import Alert, Episodes
 from penwatch.penalties import NonFiniteError, Validation
-from penwatch.telemetry._nonfinite import describe
-from penwatch.telemetry._record import Event, StepRecord
+from penwatch.schema import Event, StepRecord, describe
 
 __all__ = ["NonFinite", "NonFiniteDetected"]
 
@@ -76,6 +75,11 @@ class NonFinite(Alert):
             raise _checks.option_error(_FN, "callback", callback, "None unless action='callback'")
         self.callback = callback
         self._episodes = Episodes(patience=1)
+        self._error: NonFiniteDetected | None = None
+
+    def take_error(self) -> BaseException | None:
+        error, self._error = self._error, None
+        return error
 
     def evaluate(self, record: StepRecord) -> Sequence[Event]:
         bad = bool(record.nonfinite or record.leaves)
@@ -95,8 +99,8 @@ class NonFinite(Alert):
                 for lf in record.leaves
             ],
         }
-        if self.action == "raise":
-            attributes["_raise"] = NonFiniteDetected(record)
+        if self.action == "raise" and self._error is None:
+            self._error = NonFiniteDetected(record)  # an earlier unraised one stays first
         event = self._event(
             record, message, kind="nonfinite", severity="critical", attributes=attributes
         )

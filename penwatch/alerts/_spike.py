@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 from penwatch import _checks
 from penwatch.alerts._base import Alert, Episodes
-from penwatch.telemetry._record import Event, StepRecord
+from penwatch.schema import Event, StepRecord
+from penwatch.schema import thresholds as th
 
 __all__ = ["LossSpike", "robust_zscore"]
 
@@ -74,8 +75,8 @@ class LossSpike(Alert):
 
     def __init__(
         self,
-        zscore: float = 6.0,
-        window: int = 128,
+        zscore: float = th.SPIKE_ZSCORE,
+        window: int = th.SPIKE_WINDOW,
         metric: str = "loss",
         *,
         min_history: int | None = None,

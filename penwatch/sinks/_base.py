@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 
-from penwatch.telemetry._record import Event, RunInfo, StepRecord
+from penwatch.schema import Event, RunInfo, StepRecord
 
 
 class Sink(abc.ABC):

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 from penwatch import _checks
+from penwatch.schema import Event, StepRecord
 from penwatch.sinks._base import Sink
-from penwatch.telemetry._record import Event, StepRecord
 
 __all__ = ["Callback"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 from penwatch import _checks
+from penwatch.schema import Event, PenaltyValues, StepRecord
 from penwatch.sinks._base import Sink
-from penwatch.telemetry._record import Event, StepRecord
 
 __all__ = ["Logging"]
 
@@ -53,12 +53,9 @@ class Logging(Sink):
         head = f"run={record.run} step={record.step} pipeline={record.pipeline}"
         if record.loss is not None:
             head += f" loss={record.loss:.4g}"
-        if "total" in record.values:
-            head += f" total={record.values['total']:.4g}"
-        pens = " ".join(
-            f"{p}={record.values.get(p + '_weighted', record.values.get(p, float('nan'))):.4g}"
-            for p in record.penalties
-        )
+        if record.total is not None:
+            head += f" total={record.total:.4g}"
+        pens = " ".join(f"{p.name}={_shown(p):.4g}" for p in record.penalty_values)
         tail = (
             "" if record.duration_seconds is None else f" | {record.duration_seconds * 1e3:.2f}ms"
         )
@@ -75,3 +72,10 @@ class Logging(Sink):
             event.step,
             event.message,
         )
+
+
+def _shown(p: PenaltyValues) -> float:
+    """A penalty's weighted value, else its raw value, else NaN."""
+    if p.weighted is not None:
+        return p.weighted
+    return p.value if p.value is not None else float("nan")

@@ -22,15 +22,8 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from penwatch._version import __version__
+from penwatch.schema import Event, RunInfo, StepRecord, describe
 from penwatch.sinks._base import Sink
-from penwatch.telemetry._nonfinite import describe
-from penwatch.telemetry._record import (
-    PENALTY_QUANTITIES,
-    TERM_QUANTITIES,
-    Event,
-    RunInfo,
-    StepRecord,
-)
 
 __all__ = ["SPAN_NAMES", "OpenTelemetry"]
 
@@ -173,12 +166,11 @@ class OpenTelemetry(Sink):
 
     def _step_attributes(self, record: StepRecord) -> dict[str, Any]:
         values = record.values
-        layout = (tuple(values), record.penalties, record.terms)
-        plan = self._plans.get(layout)
+        plan = self._plans.get(record.layout)
         if plan is None:
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
-            plan = self._plans[layout] = _attribute_plan(record)
+            plan = self._plans[record.layout] = _attribute_plan(record)
         attrs: dict[str, Any] = {name: values[key] for name, key in plan}
         if record.loss is not None:
             attrs["penwatch.loss"] = record.loss
@@ -192,16 +184,12 @@ _MAX_PLANS = 64
 
 def _attribute_plan(record: StepRecord) -> tuple[tuple[str, str], ...]:
     """(span attribute, metric key) pairs for a record's keys: penalties, terms, the rest."""
-    values = record.values
     plan: list[tuple[str, str]] = []
-    for p in record.penalties:
-        for quantity, suffix in PENALTY_QUANTITIES.items():
-            if p + suffix in values:
-                plan.append((f"penwatch.penalty.{p}.{quantity}", p + suffix))
-    for t in record.terms:
-        for quantity, suffix in TERM_QUANTITIES.items():
-            if t + suffix in values:
-                plan.append((f"penwatch.term.{t}.{quantity}", t + suffix))
-    used = {key for _, key in plan}
-    plan.extend((f"penwatch.metric.{key}", key) for key in values if key not in used)
+    for slot in record.layout.slots:
+        if slot.scope == "penalty":
+            plan.append((f"penwatch.penalty.{slot.name}.{slot.quantity}", slot.key))
+        elif slot.scope == "term":
+            plan.append((f"penwatch.term.{slot.name}.{slot.quantity}", slot.key))
+        else:
+            plan.append((f"penwatch.metric.{slot.key}", slot.key))
     return tuple(plan)

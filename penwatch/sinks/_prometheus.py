@@ -19,8 +19,8 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from penwatch import _checks
+from penwatch.schema import Event, RunInfo, StepRecord
 from penwatch.sinks._base import Sink
-from penwatch.telemetry._record import Event, RunInfo, StepRecord
 
 __all__ = ["DURATION_BUCKETS", "METRICS", "Prometheus"]
 
@@ -84,15 +84,15 @@ DURATION_BUCKETS: tuple[float, ...] = (
 """Histogram buckets (seconds) of ``penwatch_pipeline_compute_duration_seconds``."""
 
 _DROP_REASONS = ("queue_full", "closed", "materialize_error", "sink_error")
-_PENALTY_GAUGES = (
-    ("", "penwatch_penalty_value"),
-    ("_weighted", "penwatch_penalty_weighted_value"),
-    ("_weight", "penwatch_penalty_weight"),
-)
-_TERM_GAUGES = (
-    ("_grad_share", "penwatch_penalty_grad_share"),
-    ("_grad_cosine", "penwatch_penalty_grad_cosine"),
-)
+_PENALTY_GAUGES = {
+    "value": "penwatch_penalty_value",
+    "weighted": "penwatch_penalty_weighted_value",
+    "weight": "penwatch_penalty_weight",
+}
+_TERM_GAUGES = {
+    "grad_share": "penwatch_penalty_grad_share",
+    "grad_cosine": "penwatch_penalty_grad_cosine",
+}
 
 
 class Prometheus(Sink):
@@ -214,7 +214,7 @@ class Prometheus(Sink):
         child("penwatch_last_step_timestamp_seconds", *base).set(record.wall_time)
         if record.loss is not None:
             child("penwatch_loss", *base).set(record.loss)
-        layout = (record.pipeline, tuple(values), record.penalties, record.terms)
+        layout = (record.pipeline, record.layout)
         plan = self._plans.get(layout)
         if plan is None:
             if len(self._plans) >= _MAX_PLANS:
@@ -240,25 +240,20 @@ class Prometheus(Sink):
 
     def _gauge_plan(self, record: StepRecord) -> tuple[tuple[Any, str], ...]:
         """(gauge child, metric key) pairs for the per-penalty and per-term gauges."""
-        base, values, child, pipe = self._base, record.values, self._child, record.pipeline
+        base, child, pipe = self._base, self._child, record.pipeline
         plan: list[tuple[Any, str]] = []
-        for p in record.penalties:
-            for suffix, metric in _PENALTY_GAUGES:
-                if p + suffix in values:
-                    plan.append((child(metric, *base, pipe, p), p + suffix))
-            if p + "_grad_norm" in values:
-                plan.append(
-                    (child("penwatch_penalty_grad_norm", *base, pipe, p, "input"), p + "_grad_norm")
-                )
-        if "total" in values:
-            plan.append((child("penwatch_pipeline_value", *base, pipe), "total"))
-        for t in record.terms:
-            if t + "_param_grad_norm" in values:
-                gauge = child("penwatch_penalty_grad_norm", *base, pipe, t, "params")
-                plan.append((gauge, t + "_param_grad_norm"))
-            for suffix, metric in _TERM_GAUGES:
-                if t + suffix in values:
-                    plan.append((child(metric, *base, pipe, t), t + suffix))
+        for slot in record.layout.slots:
+            labels = (*base, pipe, slot.name)
+            if slot.scope == "penalty" and slot.quantity in _PENALTY_GAUGES:
+                plan.append((child(_PENALTY_GAUGES[slot.quantity], *labels), slot.key))
+            elif slot.scope == "penalty" and slot.quantity == "grad_norm":
+                plan.append((child("penwatch_penalty_grad_norm", *labels, "input"), slot.key))
+            elif slot.scope == "term" and slot.quantity == "param_grad_norm":
+                plan.append((child("penwatch_penalty_grad_norm", *labels, "params"), slot.key))
+            elif slot.scope == "term" and slot.quantity in _TERM_GAUGES:
+                plan.append((child(_TERM_GAUGES[slot.quantity], *labels), slot.key))
+            elif slot.key == "total":
+                plan.append((child("penwatch_pipeline_value", *base, pipe), slot.key))
         return tuple(plan)
 
     def write_event(self, event: Event) -> None:

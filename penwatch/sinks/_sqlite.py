@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
+from penwatch.schema import Event, RunInfo, StepRecord
 from penwatch.sinks._base import Sink
-from penwatch.telemetry._record import Event, RunInfo, StepRecord
 
 
 class SQLite(Sink):

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from penwatch.schema import StepRecord
 from penwatch.store._downsample import bucketize_sorted
 from penwatch.store._schema import ROLLUP_WIDTHS
-from penwatch.telemetry._record import PENALTY_QUANTITIES, TERM_QUANTITIES, StepRecord
 
 STEP_KEYS: tuple[str, ...] = ("_loss", "_total", "_duration_seconds", "_nonfinite")
 """Step-level series the writer adds to every record (``steps`` columns as metrics), so
@@ -35,16 +35,12 @@ ON CONFLICT (series_id, width, bucket) DO UPDATE SET
 
 
 def key_parts(record: StepRecord, key: str) -> tuple[str | None, str]:
-    """``(name, quantity)`` of a flat metric key, using the record's parsed names."""
-    for term in record.terms:
-        for quantity, suffix in TERM_QUANTITIES.items():
-            if key == term + suffix:
-                return term, quantity
-    for penalty in record.penalties:
-        for quantity, suffix in PENALTY_QUANTITIES.items():
-            if key == penalty + suffix:
-                return penalty, quantity
-    return None, key
+    """``(name, quantity)`` of a metric key, read from the record's layout."""
+    i = record.layout.index.get(key)
+    if i is None:  # the writer's own step-level series (STEP_KEYS)
+        return None, key
+    slot = record.layout.slots[i]
+    return slot.name, slot.quantity
 
 
 def rollup_rows(sids: list[int], steps: list[int], vals: list[float]) -> Iterator[tuple[Any, ...]]:

@@ -13,13 +13,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 
-from penwatch.telemetry._record import (
-    NonFinite,
-    StepRecord,
-    is_finite,
-    parse_penalties,
-    parse_terms,
-)
+from penwatch.schema import StepRecord, find_nonfinite, layout_of
 
 DEFAULT_PENALTIES: tuple[str, ...] = ("l1", "l2", "entropy", "orthogonality")
 
@@ -85,28 +79,12 @@ def synthetic_record(
     nan: bool = False,
     spike: bool = False,
 ) -> StepRecord:
-    """One :class:`~penwatch.telemetry.StepRecord` as the monitor would build it."""
+    """One :class:`~penwatch.schema.StepRecord` as the monitor would build it."""
     values = synthetic_values(
         step, penalties=penalties, diagnostics=diagnostics, nan=nan, spike=spike
     )
-    pens = parse_penalties(values)
-    nonfinite = []
-    for key, value in values.items():
-        if not is_finite(value):
-            owner = next((p for p in pens if key.startswith(p)), None)
-            source = (
-                "loss"
-                if key in ("loss", "base_loss")
-                else "total"
-                if key == "total"
-                else "gradient"
-                if "grad" in key
-                else "penalty"
-                if owner
-                else "other"
-            )
-            kind = "nan" if math.isnan(value) else "inf"
-            nonfinite.append(NonFinite(key, kind, source, owner))
+    layout = layout_of(values, penalties)
+    numbers = tuple(values.values())
     return StepRecord(
         run=run,
         process=process,
@@ -114,11 +92,10 @@ def synthetic_record(
         pipeline=pipeline,
         wall_time=time.time() if wall_time is None else wall_time,
         values=values,
-        penalties=pens,
-        terms=parse_terms(values),
+        layout=layout,
         loss=values["base_loss"],
         duration_seconds=0.004 + 0.002 * math.sin(step / 5.0) ** 2 + (0.05 if spike else 0.0),
-        nonfinite=tuple(nonfinite),
+        nonfinite=find_nonfinite(numbers, layout),
     )
 
 

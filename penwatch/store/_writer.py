@@ -27,15 +27,15 @@ import sqlite3
 import time
 from typing import Any
 
+from penwatch.schema import (
+    Event,
+    RunInfo,
+    StepRecord,
+)
 from penwatch.store._rows import ROLLUP_SQL, STEP_KEYS, key_parts, rollup_rows, step_row
 from penwatch.store._schema import (
     StoreUnavailableError,
     writer_connection,
-)
-from penwatch.telemetry._record import (
-    Event,
-    RunInfo,
-    StepRecord,
 )
 
 logger = logging.getLogger(__name__)

@@ -15,9 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from penwatch.schema import Event, RunInfo, StepRecord, find_nonfinite, layout_of, leaf_reports
 from penwatch.sinks._base import Sink
-from penwatch.telemetry import _nonfinite
-from penwatch.telemetry._record import Event, RunInfo, StepRecord, parse_penalties, parse_terms
 from penwatch.telemetry._worker import Item, SinkGuard
 
 logger = logging.getLogger("penwatch.telemetry")
@@ -114,7 +113,8 @@ class Core:
             values["loss"] = explicit
         if explicit is None:
             explicit = values.get("base_loss", values.get("loss"))
-        penalties, terms = parse_penalties(values), parse_terms(values)
+        layout = layout_of(values, getattr(item, "penalties", None))
+        terms = layout.terms
         kind = item.kind or (
             "train_step"
             if leaf_tree is not None or "base_loss" in metrics or terms
@@ -128,14 +128,11 @@ class Core:
             pipeline=item.pipeline,
             wall_time=item.wall_time,
             values=values,
-            penalties=penalties,
-            terms=terms,
+            layout=layout,
             loss=explicit,
             duration_seconds=None if ready is None else (ready - item.dispatched_at_ns) / 1e9,
-            nonfinite=_nonfinite.find_nonfinite(values, penalties, terms),
-            leaves=_nonfinite.leaf_reports(
-                metrics.get("_leaf_nonfinite"), max_leaves=self.max_leaves
-            ),
+            nonfinite=find_nonfinite(tuple(values.values()), layout),
+            leaves=leaf_reports(metrics.get("_leaf_nonfinite"), max_leaves=self.max_leaves),
             kind=kind,
             dispatched_at_ns=item.dispatched_at_ns,
             ready_at_ns=ready,
@@ -147,22 +144,15 @@ class Core:
         for alert in self.alerts:
             try:
                 events.extend(alert.evaluate(record))
+                error = alert.take_error()
             except Exception:
                 self.alert_errors += 1
                 logger.exception("penwatch alert %r raised; ignored", alert)
-        for event in events:
-            error = event.attributes.get("_raise")
+                continue
             if error is not None and self.pending_error is None:
                 self.pending_error = error
         self.events += len(events)
-        return [_public(e) for e in events]
-
-
-def _public(event: Event) -> Event:
-    if not any(k.startswith("_") for k in event.attributes):
-        return event
-    attrs = {k: v for k, v in event.attributes.items() if not k.startswith("_")}
-    return dataclasses.replace(event, attributes=attrs)
+        return events
 
 
 def _materialize(tree: Any) -> Any:

@@ -20,9 +20,9 @@ import jax
 
 from penwatch import _checks
 from penwatch._version import __version__
+from penwatch.schema import RunInfo
 from penwatch.sinks._base import Sink
 from penwatch.telemetry._core import Core
-from penwatch.telemetry._record import RunInfo
 from penwatch.telemetry._worker import Item, Worker
 
 logger = logging.getLogger("penwatch.telemetry")
@@ -75,7 +75,7 @@ class Monitor:
       >>> seen = []
       >>> with pw.Monitor("demo", sinks=[pw.sinks.Callback(seen.append)]) as mon:
       ...     mon.record(0, {"l1": 0.5, "l1_weight": 1.0, "l1_weighted": 0.5, "total": 0.5})
-      >>> seen[0].penalty("l1")["weighted"]
+      >>> seen[0].penalty("l1").weighted
       0.5
 
     Args:

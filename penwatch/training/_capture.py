@@ -111,7 +111,7 @@ def collect_activations(
 
 
 def _activity_pipeline(fn: str, activity: Any) -> Any:
-    from penwatch.pipeline import MultiPipeline
+    from penwatch.pipelines import MultiPipeline
 
     if isinstance(activity, MultiPipeline):
         return activity

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from penwatch import _checks
 from penwatch.diagnostics import ParamTerm
+from penwatch.schema import PENALTY_QUANTITIES, penalty_key
 
 __all__ = ["StepFunction", "TrainState"]
 
@@ -67,16 +68,14 @@ def _strong_types(tree: Any) -> Any:
     return jax.tree.map(fix, tree)
 
 
-_PENALTY_SUFFIXES = ("", "_weighted", "_weight", "_finite", "_grad_norm")
-
-
 def _pipeline_order(pm: Mapping[str, Any], pipe: Any) -> dict[str, Any]:
     """Pipeline metrics with each penalty's keys together, in pipeline order."""
     out: dict[str, Any] = {}
     for name in getattr(pipe, "enabled_names", ()):
-        for suffix in _PENALTY_SUFFIXES:
-            if name + suffix in pm:
-                out[name + suffix] = pm[name + suffix]
+        for quantity in PENALTY_QUANTITIES:
+            key = penalty_key(name, quantity)
+            if key in pm:
+                out[key] = pm[key]
     out.update((k, v) for k, v in pm.items() if k not in out)
     return out
 

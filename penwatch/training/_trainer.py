@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from penwatch import _checks
+from penwatch.schema import layout_of, penalty_key
 from penwatch.training._schedule import apply_scheduled_weights
 from penwatch.training._step import TrainState, build_train_step
 
@@ -71,12 +72,12 @@ class PenaltyLogger:
 
     def _keys(self, metrics: Mapping[str, Any]) -> list[str]:
         if self.names is None:
-            names = [k[: -len("_weight")] for k in metrics if k.endswith("_weight")]
+            names = list(layout_of(metrics, getattr(metrics, "penalties", None)).penalties)
         else:
             names = list(self.names)
         keys = [k for k in ("loss", "base_loss", "total") if k in metrics]
         for n in names:
-            keys += [k for k in (n, f"{n}_weighted") if k in metrics]
+            keys += [k for k in (penalty_key(n), penalty_key(n, "weighted")) if k in metrics]
         return keys
 
     def __call__(self, step: int, metrics: Mapping[str, Any]) -> None:

@@ -7,8 +7,8 @@ from typing import Any
 
 import jax
 
-from penwatch.pipeline import _builtins
-from penwatch.pipeline._core import Metrics, _PipelineBase, _Spec
+from penwatch.pipelines import _builtins
+from penwatch.pipelines._core import Metrics, _PipelineBase, _Spec
 
 __all__ = ["Pipeline"]
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import jax
 
-from penwatch.pipeline import _builtins
-from penwatch.pipeline._multi import MultiPipeline
-from penwatch.pipeline._pipeline import Pipeline
+from penwatch.pipelines import _builtins
+from penwatch.pipelines._multi import MultiPipeline
+from penwatch.pipelines._pipeline import Pipeline
 
 __all__ = ["builtin_penalties", "multi_pipeline", "pipeline"]
 

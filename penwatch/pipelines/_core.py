@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from penwatch import _checks, events
-from penwatch.pipeline import _builtins
-from penwatch.pipeline._grad_norms import grad_norms
+from penwatch.pipelines import _builtins
+from penwatch.pipelines._grad_norms import grad_norms
 
 Metrics = dict[str, jax.Array]
 

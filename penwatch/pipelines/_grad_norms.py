@@ -60,7 +60,7 @@ def grad_norms(
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from penwatch.pipeline import grad_norms
+      >>> from penwatch.pipelines import grad_norms
       >>> x = jnp.array([3.0, 4.0])
       >>> values, norms, total = grad_norms(
       ...     [lambda x: jnp.sum(x**2), lambda x: jnp.sum(x)], x, weights=jnp.array([1.0, 0.0]))
@@ -69,7 +69,7 @@ def grad_norms(
     """
     fns = tuple(fns)
     if not fns:
-        raise ValueError("penwatch.pipeline.grad_norms: argument 'fns' must not be empty")
+        raise ValueError("penwatch.pipelines.grad_norms: argument 'fns' must not be empty")
     leaves, treedef = jax.tree.flatten(inputs)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
     diff_pos = [i for i, leaf in enumerate(leaves) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
@@ -81,7 +81,7 @@ def grad_norms(
         w = jnp.asarray(weights)
         if w.shape != (k,):
             raise ValueError(
-                f"penwatch.pipeline.grad_norms: argument 'weights' must have shape ({k},), "
+                f"penwatch.pipelines.grad_norms: argument 'weights' must have shape ({k},), "
                 f"got {w.shape}"
             )
 
@@ -93,7 +93,7 @@ def grad_norms(
             value = jnp.asarray(fn(jax.tree.unflatten(treedef, full)))
             if value.shape != ():
                 raise ValueError(
-                    f"penwatch.pipeline.grad_norms: function {i} returned shape "
+                    f"penwatch.pipelines.grad_norms: function {i} returned shape "
                     f"{value.shape}; every function must return a scalar"
                 )
             if not jnp.issubdtype(value.dtype, jnp.inexact):

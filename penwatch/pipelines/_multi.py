@@ -8,8 +8,8 @@ from typing import Any
 import jax
 
 from penwatch import _checks
-from penwatch.pipeline import _builtins
-from penwatch.pipeline._core import Metrics, _PipelineBase, _Spec
+from penwatch.pipelines import _builtins
+from penwatch.pipelines._core import Metrics, _PipelineBase, _Spec
 
 __all__ = ["MultiPipeline"]
 
@@ -22,7 +22,7 @@ class MultiPipeline(_PipelineBase):
 
     Each penalty is called as ``fn(inputs[k1], inputs[k2], ..., **options)`` for its
     ``inputs=(k1, k2, ...)``. Same pytree and immutability rules as
-    :class:`~penwatch.pipeline.Pipeline`; gradient norms are taken with respect to all of a
+    :class:`~penwatch.pipelines.Pipeline`; gradient norms are taken with respect to all of a
     penalty's named inputs together.
 
     Example:
