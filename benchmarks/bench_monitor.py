@@ -119,7 +119,8 @@ def _instrumented(
     cpu = _cpu() - cpu  # including the worker's catching up in close()
     provider.shutdown()
     stats = monitor.stats
-    assert stats.processed == STEPS and not any(stats.sink_errors.values()), stats
+    assert stats.processed == STEPS, stats
+    assert all(s.errors == 0 and s.written == STEPS for s in stats.sinks.values()), stats
     return elapsed, closing, cpu
 
 

@@ -220,7 +220,8 @@ def demo(args: argparse.Namespace) -> int:
     stats = monitor.stats
     print(
         f"penwatch demo: done: {stats.processed} steps recorded, {stats.events} events, "
-        f"dropped {dict(stats.dropped)}, sink errors {dict(stats.sink_errors)}",
+        f"lost before the sinks {sum(stats.dropped.values())}, per sink written/lost "
+        f"{ {n: (s.written, stats.lost(n)) for n, s in stats.sinks.items()} }",
         flush=True,
     )
     if dashboard is not None and status == 0 and not stop.is_set():

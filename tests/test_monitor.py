@@ -227,7 +227,7 @@ def test_close_is_quick_idempotent_and_drops_later_records():
     assert monitor.close()
     assert len(records) == 200
     monitor.record(200, _pipeline_metrics())
-    assert monitor.stats.dropped["closed"] == 1
+    assert monitor.stats.refused == 1 and monitor.stats.recorded == 200
 
 
 def test_monitor_is_garbage_collected_and_flushes():
@@ -290,7 +290,7 @@ def test_instrumented_pipeline_records_and_emits_events():
         ({"run": ""}, "'run' must be a non-empty string"),
         ({"sinks": [object()]}, r"'sinks\[0\]' must be a penwatch.sinks.Sink"),
         ({"alerts": [1]}, r"'alerts\[0\]' must be a penwatch alert"),
-        ({"flush_interval": -1}, "'flush_interval' must be"),
+        ({"open_timeout": -1}, "'open_timeout' must be"),
     ],
 )
 def test_monitor_rejects_bad_options(kwargs, match):
@@ -302,7 +302,7 @@ def test_record_rejects_a_non_mapping():
     with (
         pw.Monitor("bad", alerts=[]) as monitor,
         pytest.raises(
-            ValueError, match=r"penwatch\.Monitor\.record: argument 'metrics' must be a mapping"
+            TypeError, match=r"penwatch\.Monitor\.record: argument 'metrics' must be a mapping"
         ),
     ):
         monitor.record(0, [1.0])

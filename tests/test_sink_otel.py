@@ -107,7 +107,7 @@ def test_global_provider_is_a_no_op_until_configured():
     ) as monitor:
         monitor.record(0, {"l1": 1.0, "l1_weight": 1.0})
     assert records[0].trace_id is None
-    assert monitor.stats.sink_errors["OpenTelemetry"] == 0
+    assert monitor.sink_errors["OpenTelemetry"] == 0
 
 
 class _EveryOther(Sampler):

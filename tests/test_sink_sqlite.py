@@ -4,7 +4,6 @@ silently."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import multiprocessing
 import os
@@ -19,6 +18,7 @@ import time
 
 import pytest
 
+import penwatch as pw
 from penwatch import sinks, store
 from penwatch.schema import Event, RunInfo
 from penwatch.store._synthetic import synthetic_record, synthetic_run
@@ -136,7 +136,7 @@ def _fill(sink, start: int, n: int) -> int:
     for r in synthetic_run("r", n, start=start):
         try:
             sink.write_step(r)
-        except store.StoreUnavailableError:
+        except sinks.SinkUnavailable:
             failures += 1
     return failures
 
@@ -163,91 +163,108 @@ def test_deleted_file_and_directory_are_recreated(tmp_path, caplog):
     assert "deleted or replaced" in caplog.text
 
 
-def test_locked_store_raises_keeps_records_and_never_duplicates(tmp_path):
+def _values(step: int) -> dict[str, float]:
+    return {"l1": float(step), "l1_weight": 1.0, "l1_weighted": float(step), "total": 1.0}
+
+
+def _stored_steps(path) -> list[int]:
+    return [s for s, _, _ in store.StoreReader(path).records("r")]
+
+
+def test_the_sink_raises_sink_unavailable_and_keeps_nothing_itself(tmp_path):
+    # The outage buffer is the monitor's per-sink worker (one buffer, sized by the user):
+    # the sink itself raises and holds nothing, and a retry never duplicates.
     path = tmp_path / "s.db"
-    sink = sinks.SQLite(path, batch_size=5, busy_timeout=0.05)
+    sink = sinks.SQLite(path, busy_timeout=0.05)
     sink.open(_info())
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
     records = list(synthetic_run("r", 12))
-    for r in records:
-        try:
-            sink.write_step(r)
-        except store.StoreUnavailableError as exc:
-            assert "locked" in str(exc)
-            with contextlib.suppress(store.StoreUnavailableError):
-                sink.write_step(r)  # the monitor's retry of the same record: no duplicate
-    with pytest.raises(store.StoreUnavailableError):
-        sink.flush()
-    assert sink.pending == 12
+    with pytest.raises(sinks.SinkUnavailable, match="locked"):
+        sink.write_steps(records)
+    assert sink.writer.pending == 0
     blocker.execute("ROLLBACK")
+    sink.write_steps(records)
     sink.close()
     _same_values(store.StoreReader(path).records("r"), records)
 
 
-def test_full_disk_raises_then_recovers(tmp_path):
+def test_locked_store_keeps_records_and_never_duplicates(tmp_path):
     path = tmp_path / "s.db"
-    sink = sinks.SQLite(path, batch_size=10_000, flush_interval=1e9)
-    sink.open(_info())
+    monitor = pw.Monitor("r", sinks=[sinks.SQLite(path, busy_timeout=0.05)], alerts=[])
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    for step in range(12):
+        monitor.record(step, _values(step))
+    assert not monitor.flush(timeout=0.5)  # locked: not written yet
+    held = monitor.stats.sinks["SQLite"]
+    assert held.errors >= 1 and held.written == 0 and held.pending == 12
+    blocker.execute("ROLLBACK")
+    assert monitor.close()
+    assert _stored_steps(path) == list(range(12))
+    assert monitor.stats.lost("SQLite") == 0
+
+
+def test_full_disk_then_recovers(tmp_path):
+    path = tmp_path / "s.db"
+    sink = sinks.SQLite(path)
+    monitor = pw.Monitor("r", sinks=[sink], alerts=[])
+    assert monitor.flush(timeout=10)
     conn = sink.writer._connection()
     pages = conn.execute("PRAGMA page_count").fetchone()[0]
     conn.execute(f"PRAGMA max_page_count = {pages + 1}")  # SQLITE_FULL, like a full disk
-    records = list(synthetic_run("r", 200))
-    for r in records:
-        sink.write_step(r)
-    with pytest.raises(store.StoreUnavailableError, match="full"):
-        sink.flush()
-    assert sink.pending == 200
-    sink.close()  # a fresh connection has no page limit: everything arrives
-    _same_values(store.StoreReader(path).records("r"), records)
+    for step in range(200):
+        monitor.record(step, _values(step))
+    assert monitor.close()  # the retry opens a fresh connection, with no page limit
+    stats = monitor.stats.sinks["SQLite"]
+    assert stats.errors >= 1 and stats.written == 200
+    assert _stored_steps(path) == list(range(200))
 
 
 def test_bounded_buffer_reports_what_was_lost(tmp_path):
     path = tmp_path / "s.db"
-    sink = sinks.SQLite(path, batch_size=1, max_pending=10, busy_timeout=0.01)
-    sink.open(_info())
+    monitor = pw.Monitor(
+        "r", sinks=[sinks.SQLite(path, max_pending=10, busy_timeout=0.01)], alerts=[]
+    )
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
-    assert _fill(sink, 0, 25) == 25
-    assert sink.pending == 10 and sink.dropped == 15
+    for step in range(25):
+        monitor.record(step, _values(step))
+    assert not monitor.flush(timeout=0.5)
+    held = monitor.stats.sinks["SQLite"]
+    assert held.pending == 10 and held.lost["overflow"] == 15
     blocker.execute("ROLLBACK")
-    sink.close()
+    assert monitor.close()
+    assert _stored_steps(path) == list(range(15, 25))
     reader = store.StoreReader(path)
-    assert [s for s, _, _ in reader.records("r")] == list(range(15, 25))
     (run,) = reader.runs()
-    (lost,) = [e for e in reader.events([run.id]) if e.name == "store_records_dropped"]
-    assert lost.attributes == {"steps": 15, "events": 0, "first_step": 0, "last_step": 14}
-    assert "15 step records" in lost.message
+    (gap,) = [e for e in reader.events([run.id]) if e.name == "records_dropped"]
+    assert gap.attributes["count"] == 15 and gap.attributes["reason"] == "overflow"
+    assert (gap.attributes["first_step"], gap.attributes["last_step"]) == (0, 14)
+    assert "15 step records" in gap.message
+    assert monitor.stats.sinks["SQLite"].lost == {"overflow": 15, "poison": 0, "unfinished": 0}
 
 
 _READONLY_CHILD = textwrap.dedent(
     """
     import os, sys, time
-    from penwatch import sinks, store
-    from penwatch.store._synthetic import synthetic_run
-    from penwatch.schema import RunInfo
+    import penwatch as pw
     path = sys.argv[1]
-    records = list(synthetic_run("ro", 20))
-    sink = sinks.SQLite(path, batch_size=5)
     if os.getuid() == 0:  # root ignores file modes: continue as an unprivileged user
         os.setgid(65534)
         os.setuid(65534)
-    failures = 0
-    try:
-        sink.open(RunInfo("ro", 0, "1", "cpu", 1, time.time()))
-    except store.StoreUnavailableError:
-        failures += 1
-    for r in records:
-        try:
-            sink.write_step(r)
-        except store.StoreUnavailableError:
-            failures += 1
-    print("blocked", failures, sink.pending, flush=True)
+    monitor = pw.Monitor("ro", sinks=[pw.sinks.SQLite(path)], alerts=[], close_timeout=60)
+    for step in range(20):
+        monitor.record(step, {"l1": 1.0, "l1_weight": 1.0, "total": 1.0})
+    monitor.flush(timeout=1.0)
+    s = monitor.stats.sinks["SQLite"]
+    print("blocked", s.errors, s.pending, flush=True)
     deadline = time.time() + 30
     while not os.access(path, os.W_OK) and time.time() < deadline:
         time.sleep(0.02)
-    sink.close()
-    print("done", sink.pending, sink.dropped, flush=True)
+    monitor.close()
+    s = monitor.stats.sinks["SQLite"]
+    print("done", s.written, sum(s.lost.values()), flush=True)
     """
 )
 
@@ -271,13 +288,13 @@ def test_read_only_store_blocks_then_recovers_without_loss(request):
         cwd=tmp_path,
     )
     first = proc.stdout.readline().split()
-    assert first[0] == "blocked", proc.stderr.read()
-    assert int(first[1]) > 0 and int(first[2]) == 20  # failures raised, nothing lost
+    assert first and first[0] == "blocked", proc.stderr.read()
+    assert int(first[1]) > 0 and int(first[2]) == 20  # failures raised, all 20 held
     for f in tmp_path.iterdir():  # like `chmod 666 ro.db*`: SQLite gives -wal/-shm its mode
         os.chmod(f, 0o666)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=90)
     assert proc.returncode == 0, err
-    assert out.split() == ["done", "0", "0"]
+    assert out.split() == ["done", "20", "0"]
     assert [s for s, _, _ in store.StoreReader(path).records("ro")] == list(range(20))
 
 

@@ -1,10 +1,19 @@
 """Sinks: where a monitor's records go (Prometheus, OpenTelemetry, SQLite, ...)."""
 
 from penwatch.sinks._base import Sink as Sink
+from penwatch.sinks._base import SinkUnavailable as SinkUnavailable
 from penwatch.sinks._callback import Callback as Callback
 from penwatch.sinks._logging import Logging as Logging
 from penwatch.sinks._otel import OpenTelemetry as OpenTelemetry
 from penwatch.sinks._prometheus import Prometheus as Prometheus
 from penwatch.sinks._sqlite import SQLite as SQLite
 
-__all__ = ["Callback", "Logging", "OpenTelemetry", "Prometheus", "SQLite", "Sink"]
+__all__ = [
+    "Callback",
+    "Logging",
+    "OpenTelemetry",
+    "Prometheus",
+    "SQLite",
+    "Sink",
+    "SinkUnavailable",
+]

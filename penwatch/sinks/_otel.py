@@ -13,7 +13,9 @@ histogram as an exemplar and alert events land on it.
 
 from __future__ import annotations
 
+import collections
 import json
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -22,7 +24,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from penwatch._version import __version__
-from penwatch.schema import Event, RunInfo, StepRecord, describe
+from penwatch.schema import Event, RunInfo, RunStatus, StepRecord, describe
 from penwatch.sinks._base import Sink
 
 __all__ = ["SPAN_NAMES", "OpenTelemetry"]
@@ -67,7 +69,9 @@ class OpenTelemetry(Sink):
     def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
         self.tracer_provider = tracer_provider
         self._tracer: trace.Tracer | None = None
-        self._open_span: tuple[int, trace.Span] | None = None
+        # spans begun on the dispatch thread, ended by write_step on this sink's thread
+        self._open: collections.OrderedDict[tuple[str, int], trace.Span] = collections.OrderedDict()
+        self._open_lock = threading.Lock()
         # attribute name -> metric key, per layout of a record's keys (they rarely change)
         self._plans: dict[tuple[Any, ...], tuple[tuple[str, str], ...]] = {}
         self._sampled = True  # whether the last span was recording
@@ -105,10 +109,14 @@ class OpenTelemetry(Sink):
 
     def begin_step(self, record: StepRecord) -> int | None:
         """Open the record's span; returns its trace id (None when tracing is off)."""
-        if self._open_span is not None:  # a previous write_step failed: end it
-            self._open_span[1].end()
         span = self._start(record)
-        self._open_span = (record.step, span)
+        with self._open_lock:
+            old = self._open.pop((record.pipeline, record.step), None)
+            self._open[(record.pipeline, record.step)] = span
+            while len(self._open) > self.max_pending:  # records this sink dropped
+                self._open.popitem(last=False)[1].end()
+        if old is not None:
+            old.end()
         ctx = span.get_span_context()
         return ctx.trace_id if ctx.is_valid and span.is_recording() else None
 
@@ -123,8 +131,11 @@ class OpenTelemetry(Sink):
             }
         )
         stamp = int(event.wall_time * 1e9)
-        if self._open_span is not None and self._open_span[0] == event.step:
-            self._open_span[1].add_event("penwatch.alert", attrs, timestamp=stamp)
+        key = (str(event.attributes.get("pipeline", "")), event.step)
+        with self._open_lock:
+            span = self._open.get(key)
+        if span is not None:
+            span.add_event("penwatch.alert", attrs, timestamp=stamp)
             return
         if self._tracer is None:
             raise RuntimeError("penwatch.sinks.OpenTelemetry: used before open")
@@ -137,13 +148,10 @@ class OpenTelemetry(Sink):
         span.end(end_time=stamp)
 
     def write_step(self, record: StepRecord) -> None:
-        if self._open_span is not None and self._open_span[0] == record.step:
-            span = self._open_span[1]
-        else:
-            if self._open_span is not None:
-                self._open_span[1].end()
+        with self._open_lock:
+            span = self._open.pop((record.pipeline, record.step), None)
+        if span is None:
             span = self._start(record)
-        self._open_span = None
         try:
             if span.is_recording() and (not record.ok or record.leaves):
                 span.add_event(
@@ -163,6 +171,13 @@ class OpenTelemetry(Sink):
                 span.set_status(Status(StatusCode.ERROR, describe(record)))
         finally:
             span.end(end_time=record.ready_at_ns or time.time_ns())
+
+    def close(self, *, status: RunStatus = "finished") -> None:
+        """End spans begun for records this sink never wrote."""
+        with self._open_lock:
+            spans, self._open = list(self._open.values()), collections.OrderedDict()
+        for span in spans:
+            span.end()
 
     def _step_attributes(self, record: StepRecord) -> dict[str, Any]:
         values = record.values

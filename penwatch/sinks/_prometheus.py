@@ -19,7 +19,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from penwatch import _checks
-from penwatch.schema import Event, RunInfo, StepRecord
+from penwatch.schema import Event, RunInfo, RunStatus, StepRecord
 from penwatch.sinks._base import Sink
 
 __all__ = ["DURATION_BUCKETS", "METRICS", "Prometheus"]
@@ -83,7 +83,7 @@ DURATION_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 """Histogram buckets (seconds) of ``penwatch_pipeline_compute_duration_seconds``."""
 
-_DROP_REASONS = ("queue_full", "closed", "materialize_error", "sink_error")
+_DROP_REASONS = ("queue_full", "materialize_error", "invalid", "close_timeout")
 _PENALTY_GAUGES = {
     "value": "penwatch_penalty_value",
     "weighted": "penwatch_penalty_weighted_value",
@@ -276,7 +276,7 @@ class Prometheus(Sink):
             timeout=5.0,
         )
 
-    def close(self) -> None:
+    def close(self, *, status: RunStatus = "finished") -> None:
         try:
             if self.pushgateway and self._metrics is not None:
                 self._push()

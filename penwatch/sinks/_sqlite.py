@@ -3,36 +3,47 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
-from penwatch.schema import Event, RunInfo, StepRecord
-from penwatch.sinks._base import Sink
+from penwatch import _checks
+from penwatch.schema import Event, RunInfo, RunStatus, StepRecord
+from penwatch.schema import thresholds as th
+from penwatch.sinks._base import Sink, SinkUnavailable
+from penwatch.store import StoreUnavailableError, StoreWriter
+
+_FN = "penwatch.sinks.SQLite"
 
 
 class SQLite(Sink):
     """Writes every step, event and run to an SQLite store (WAL; one writer, many readers).
 
-    Records are batched: one transaction per ``flush()`` or per ``batch_size`` records or
-    every ``flush_interval`` seconds, whichever comes first. When the store cannot be
-    written (read-only file, disk full, database locked, directory gone) ``write_step``,
-    ``write_event`` and ``flush`` raise :class:`~penwatch.store.StoreUnavailableError`
-    for the monitor to count and retry, and keep the records buffered: nothing is lost
-    until ``max_pending`` records wait, after which the oldest are dropped and a
-    ``store_records_dropped`` event records how many (and which steps) once writing
-    works again. Retrying ``write_step`` with the same record never duplicates it. A
-    store file deleted mid-run is recreated at the next flush (with a ``store_recreated``
-    event). See :class:`~penwatch.store.StoreWriter`.
+    Records reach the store in batches, one transaction each (``batch_size`` records, or
+    whatever arrived within ``flush_interval`` seconds). When the store cannot be written
+    (read-only file, disk full, database locked, directory gone) the records wait in this
+    sink's outage buffer — up to ``max_pending`` records, honoured — and are all written
+    when it works again; beyond that the oldest are dropped, counted, and a
+    ``records_dropped`` event with the step range is stored once writing resumes. A
+    record SQLite can never take is dropped alone and counted; the others are stored.
+    A running monitor refreshes its run's ``updated_at`` every ``heartbeat`` seconds, so
+    readers show a run whose process died as ``crashed``. A store file deleted mid-run is
+    recreated at the next write (with a ``store_recreated`` event). See
+    :class:`~penwatch.store.StoreWriter`.
 
     Args:
       path: the store file (default ``penwatch.db``); created with its directory.
-      batch_size: commit after this many buffered records.
-      flush_interval: commit when a record arrives this many seconds after the last commit.
+      batch_size: most records per transaction.
+      flush_interval: seconds a record waits at most for its batch (the dashboard's lag).
       max_pending: most records kept while the store cannot be written.
       busy_timeout: seconds to wait for another connection's lock.
+      heartbeat: seconds between heartbeats (default
+        :data:`penwatch.schema.thresholds.HEARTBEAT_SECONDS`).
 
     Example::
 
         monitor = pw.Monitor(run="exp1", sinks=[pw.sinks.SQLite("runs/penwatch.db")])
     """
+
+    name = "SQLite"
 
     def __init__(
         self,
@@ -42,11 +53,12 @@ class SQLite(Sink):
         flush_interval: float = 0.5,
         max_pending: int = 100_000,
         busy_timeout: float = 5.0,
+        heartbeat: float = th.HEARTBEAT_SECONDS,
     ) -> None:
-        # Imported here: penwatch.store imports penwatch.telemetry, whose package imports
-        # the monitor and the sinks (a cycle at module level).
-        from penwatch.store._writer import StoreWriter
-
+        self.batch_size = _checks.check_int(_FN, "batch_size", batch_size, min=1)
+        self.max_delay = _checks.check_nonnegative(_FN, "flush_interval", flush_interval)
+        self.max_pending = _checks.check_int(_FN, "max_pending", max_pending, min=1)
+        self.flush_interval = _checks.check_positive(_FN, "heartbeat", heartbeat)
         self.writer = StoreWriter(
             path,
             batch_size=batch_size,
@@ -60,33 +72,43 @@ class SQLite(Sink):
 
     def open(self, info: RunInfo) -> None:
         """Register the run (``status='running'``); raises if the store is unwritable."""
-        self._runs.append((info.run, info.process))
-        self.writer.open_run(info)
+        if (info.run, info.process) not in self._runs:
+            self._runs.append((info.run, info.process))
+        try:
+            self.writer.open_run(info)
+        except StoreUnavailableError as exc:
+            raise SinkUnavailable(str(exc)) from exc
 
     def write_step(self, record: StepRecord) -> None:
-        self.writer.add_step(record)
+        self._commit((record,))
+
+    def write_steps(self, records: Sequence[StepRecord]) -> None:
+        self._commit(records)
 
     def write_event(self, event: Event) -> None:
-        self.writer.add_event(event)
+        self._commit((event,))
 
     def flush(self) -> None:
-        self.writer.flush()
+        """The heartbeat: refresh the run's ``updated_at``."""
+        try:
+            self.writer.heartbeat()
+        except StoreUnavailableError as exc:
+            raise SinkUnavailable(str(exc)) from exc
 
-    def close(self, *, status: str = "finished") -> None:
-        """Mark the run ``status`` (default ``finished``), flush and close the file."""
+    def close(self, *, status: RunStatus = "finished") -> None:
+        """Mark the run ``status`` (``finished``, ``stopped`` or ``failed``) and close."""
         if self._closed:
             return
         for run, process in self._runs:
             self.writer.finish_run(run, process, status=status)
-        self.writer.close()
+        try:
+            self.writer.close()
+        except StoreUnavailableError as exc:
+            raise SinkUnavailable(str(exc)) from exc
         self._closed = True
 
-    @property
-    def dropped(self) -> int:
-        """Records dropped because the store stayed unwritable past ``max_pending``."""
-        return self.writer.dropped
-
-    @property
-    def pending(self) -> int:
-        """Records buffered, not yet committed."""
-        return self.writer.pending
+    def _commit(self, items: Sequence[StepRecord | Event]) -> None:
+        try:
+            self.writer.write(items)
+        except StoreUnavailableError as exc:
+            raise SinkUnavailable(str(exc)) from exc

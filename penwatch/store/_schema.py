@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS runs (
     started_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     finished_at REAL,
-    status TEXT NOT NULL,                    -- running | finished | failed
+    status TEXT NOT NULL,                    -- running | finished | stopped | failed
     version TEXT, backend TEXT, devices INTEGER,
     config TEXT,                             -- JSON
     last_step INTEGER,

@@ -25,13 +25,10 @@ import os
 import pathlib
 import sqlite3
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from penwatch.schema import (
-    Event,
-    RunInfo,
-    StepRecord,
-)
+from penwatch.schema import RUN_STATUSES, Event, RunInfo, StepRecord
 from penwatch.store._rows import ROLLUP_SQL, STEP_KEYS, key_parts, rollup_rows, step_row
 from penwatch.store._schema import (
     StoreUnavailableError,
@@ -39,6 +36,8 @@ from penwatch.store._schema import (
 )
 
 logger = logging.getLogger(__name__)
+
+_WRITABLE_STATUSES = tuple(s for s in RUN_STATUSES if s != "crashed")  # crashed: a verdict
 
 
 @dataclasses.dataclass
@@ -106,6 +105,7 @@ class StoreWriter:
         self._notes: list[Event] = []
         self._last_flush = time.monotonic()
         self._failing = False
+        self._heartbeat = False
         self._lost_logged = False
         self._last_step: dict[tuple[str, int], int] = {}
         self.dropped = 0
@@ -128,9 +128,9 @@ class StoreWriter:
 
     def finish_run(self, run: str, process: int = 0, *, status: str = "finished") -> None:
         """Mark a run finished (or ``'failed'``) at the next flush."""
-        if status not in ("running", "finished", "failed"):
+        if status not in _WRITABLE_STATUSES:
             raise ValueError(
-                f"StoreWriter.finish_run: status must be 'running', 'finished' or 'failed', "
+                f"StoreWriter.finish_run: status must be one of {_WRITABLE_STATUSES}, "
                 f"got {status!r}"
             )
         self._finished[(run, process)] = (status, time.time())
@@ -186,26 +186,52 @@ class StoreWriter:
         """
         self._last_flush = time.monotonic()
         batch = list(self._pending)
+        self._commit(batch)
+        for _ in batch:
+            self._pending_ids.discard(id(self._pending.popleft()))
+
+    def write(self, items: Sequence[StepRecord | Event]) -> None:
+        """Commit ``items`` (and any runs/status changes) in one transaction, now.
+
+        The unbuffered path of ``pw.sinks.SQLite``, whose outage buffer is the monitor's
+        per-sink delivery worker: on failure nothing of ``items`` is kept here.
+
+        Raises:
+          StoreUnavailableError: the store cannot be written now (locked, read-only, disk
+            full, directory gone): retry later.
+          Exception: anything else (a value SQLite cannot bind) means ``items`` holds a
+            record that can never be written; the transaction was rolled back.
+        """
+        for item in items:
+            key = (item.run, item.process)
+            self._last_step[key] = max(item.step, self._last_step.get(key, item.step))
+        self._commit(items)
+
+    def heartbeat(self) -> None:
+        """Refresh ``updated_at`` of this writer's running runs (readers tell a live run
+        from a crashed one by it); commits at once."""
+        self._heartbeat = True
+        self._commit(())
+
+    def _commit(self, batch: Sequence[StepRecord | Event]) -> None:
         try:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 self._write_runs(conn)
                 self._write_notes(conn)
-                self._write_batch(conn, batch)
+                self._write_batch(conn, list(batch))
+                if self._heartbeat:
+                    self._write_heartbeat(conn)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.OperationalError, OSError) as exc:
             # Start the next try from a fresh connection: permissions, locks or the file
             # itself may have changed, and ids assigned in the rolled-back transaction are void.
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-            self._run_ids.clear()
-            self._series_ids.clear()
+            self._reset()
             if not self._failing:
                 logger.warning("penwatch store %s: write failed (%s); will retry", self.path, exc)
             self._failing = True
@@ -213,14 +239,32 @@ class StoreWriter:
                 f"penwatch store {str(self.path)!r}: write failed ({exc}); "
                 f"{len(self._pending)} records kept for retry, {self.dropped} dropped so far"
             ) from exc
-        for _ in batch:
-            self._pending_ids.discard(id(self._pending.popleft()))
+        except BaseException:
+            self._reset()  # a record SQLite cannot take: ids of the rollback are void
+            raise
         self._notes.clear()
         self._finished.clear()
+        self._heartbeat = False
         if self._failing:
             logger.warning("penwatch store %s: writing again", self.path)
         self._failing = False
         self._lost_logged = False
+
+    def _reset(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._run_ids.clear()
+        self._series_ids.clear()
+
+    def _write_heartbeat(self, conn: sqlite3.Connection) -> None:
+        now = time.time()
+        for run, process in self._infos:
+            conn.execute(
+                "UPDATE runs SET updated_at = max(updated_at, ?) WHERE id = ? AND status = "
+                "'running'",
+                (now, self._run_id(conn, run, process, now)),
+            )
 
     def close(self) -> None:
         """Commit what is buffered and close the file (raises like :meth:`flush`)."""

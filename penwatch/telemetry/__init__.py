@@ -1,9 +1,17 @@
 """Telemetry: the monitor that turns a step's metrics into records for the sinks."""
 
+from penwatch.telemetry._delivery import SinkStats as SinkStats
 from penwatch.telemetry._instrument import InstrumentedPipeline as InstrumentedPipeline
 from penwatch.telemetry._instrument import instrument as instrument
 from penwatch.telemetry._monitor import Monitor as Monitor
 from penwatch.telemetry._monitor import MonitorStats as MonitorStats
 from penwatch.telemetry._nonfinite import leaf_nonfinite as leaf_nonfinite
 
-__all__ = ["InstrumentedPipeline", "Monitor", "MonitorStats", "instrument", "leaf_nonfinite"]
+__all__ = [
+    "InstrumentedPipeline",
+    "Monitor",
+    "MonitorStats",
+    "SinkStats",
+    "instrument",
+    "leaf_nonfinite",
+]

@@ -1,9 +1,10 @@
 """``pw.Monitor``: records a run's metrics without ever blocking the training step.
 
-``record`` runs on the training thread and only queues the step's device arrays; the
-worker (``_worker.py``, ``_core.py``) waits for them, measures device time, materializes
-them in one go, checks every metric for NaN/Inf, evaluates the alerts and fans the
-record and its events out to every sink, each behind a guard that isolates failures.
+``record`` runs on the training thread: it checks what it can check cheaply and queues
+the step's device arrays. The intake (``_intake.py``) waits for them and measures device
+time; the dispatcher (``_dispatch.py``) parses each record once, checks it for NaN/Inf,
+evaluates the alerts and hands it to every sink's own delivery worker
+(``_delivery.py``), so one slow or failing sink never holds up another.
 """
 
 from __future__ import annotations
@@ -11,19 +12,24 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 
 from penwatch import _checks
 from penwatch._version import __version__
-from penwatch.schema import RunInfo
-from penwatch.sinks._base import Sink
-from penwatch.telemetry._core import Core
-from penwatch.telemetry._worker import Item, Worker
+from penwatch.alerts import Alert, NonFinite
+from penwatch.schema import RunInfo, RunStatus
+from penwatch.sinks import Sink
+from penwatch.telemetry import _signals
+from penwatch.telemetry._delivery import SinkStats
+from penwatch.telemetry._dispatch import Dispatch
+from penwatch.telemetry._intake import Intake, Item
 
 logger = logging.getLogger("penwatch.telemetry")
 
@@ -31,22 +37,27 @@ __all__ = ["Monitor", "MonitorStats"]
 
 _FN = "penwatch.Monitor"
 _LIVE: weakref.WeakSet[Monitor] = weakref.WeakSet()
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class MonitorStats:
-    """Counters of a monitor, for tests and health checks.
+    """Counters of a monitor: what was recorded, and where every record went.
+
+    For every sink ``s``: ``recorded == sum(dropped.values()) + sinks[s].received`` and
+    ``sinks[s].received == sinks[s].written + sum(sinks[s].lost.values()) +
+    sinks[s].pending`` (``pending`` is 0 after ``close``): every record is written or
+    counted as lost, by reason.
 
     Attributes:
       recorded: ``record`` calls accepted on the training thread.
-      processed: records materialized and handed to the sinks.
-      dropped: records lost before reaching the sinks, by reason: ``queue_full`` (the
-        bounded queue overflowed; the oldest went), ``closed`` (recorded after close),
-        ``materialize_error`` (the arrays could not be read, e.g. donated buffers), and
-        ``sink_error``: records some sink never wrote (the sum of ``sink_lost``).
-      sink_errors: exceptions raised per sink (by name).
-      sink_lost: records each sink never wrote: evicted from its retry buffer while it
-        kept failing, or still buffered when the monitor closed.
+      processed: records parsed and handed to the sinks.
+      dropped: records lost before any sink saw them, by reason: ``queue_full`` (the
+        bounded queue overflowed; the oldest went), ``materialize_error`` (the arrays
+        could not be read, e.g. donated buffers), ``invalid`` (values that could not be
+        converted), ``close_timeout`` (still queued when ``close`` stopped waiting).
+      refused: ``record`` calls after ``close`` (not recorded).
+      sinks: per sink (by name) its :class:`~penwatch.telemetry.SinkStats`.
       events: events emitted (non-finite reports and alerts).
       alert_errors: exceptions raised by alerts (logged, never propagated).
     """
@@ -54,21 +65,25 @@ class MonitorStats:
     recorded: int
     processed: int
     dropped: Mapping[str, int]
-    sink_errors: Mapping[str, int]
-    sink_lost: Mapping[str, int]
+    refused: int
+    sinks: Mapping[str, SinkStats]
     events: int
     alert_errors: int
 
+    def lost(self, sink: str) -> int:
+        """Records sink ``sink`` never wrote: dropped before it, or lost by it."""
+        return sum(self.dropped.values()) + sum(self.sinks[sink].lost.values())
+
 
 class Monitor:
-    """Records a run's metrics to sinks from a background worker.
+    """Records a run's metrics to sinks from background threads.
 
     ``record`` only queues device arrays (no host synchronization on the training
-    thread); a worker waits for them, measures device time, reads them with one
-    ``jax.device_get``, checks every metric for NaN/Inf (naming the first offender and,
-    from ``"_leaf_nonfinite"``, the non-finite parameter/gradient leaves), evaluates the
-    alerts and writes to every sink. A failing sink is logged once, counted and retried
-    with exponential backoff; training never sees the error.
+    thread); a worker waits for them, measures device time, reads them, checks every
+    metric for NaN/Inf (naming the first offender and, from ``"_leaf_nonfinite"``, the
+    non-finite parameter/gradient leaves), evaluates the alerts and hands the record to
+    every sink's own delivery thread. A failing sink buffers (``max_pending`` records, its
+    own option), retries, and counts what it loses; training never sees the error.
 
     Example:
       >>> import penwatch as pw
@@ -84,10 +99,11 @@ class Monitor:
       alerts: ``pw.alerts.*`` rules; None means ``[pw.alerts.NonFinite()]`` (warn once
         per non-finite episode), ``[]`` none.
       process: process index label; None means ``jax.process_index()``.
-      max_queue: records held at most; when full the oldest is dropped and counted.
+      max_queue: records waiting for the device or the dispatcher at most; when full the
+        oldest is dropped and counted (each sink has its own, larger buffer).
       max_leaves: non-finite leaves kept in a report.
-      flush_interval: seconds between automatic sink flushes while records flow.
-      close_timeout: seconds ``close`` waits for the queue to drain.
+      close_timeout: seconds ``close`` waits for the queue and the sinks to drain.
+      open_timeout: seconds the constructor waits for the sinks' first ``open``.
       config: JSON-able run configuration stored with the run (e.g. in SQLite).
     """
 
@@ -96,12 +112,12 @@ class Monitor:
         run: str | None = None,
         *,
         sinks: Iterable[Sink] = (),
-        alerts: Iterable[Any] | None = None,
+        alerts: Iterable[Alert] | None = None,
         process: int | None = None,
         max_queue: int = 1024,
         max_leaves: int = 5,
-        flush_interval: float = 1.0,
         close_timeout: float = 10.0,
+        open_timeout: float = 10.0,
         config: Mapping[str, Any] | None = None,
     ) -> None:
         if run is None:
@@ -110,21 +126,17 @@ class Monitor:
             raise _checks.option_error(_FN, "run", run, "a non-empty string")
         max_queue = _checks.check_int(_FN, "max_queue", max_queue, min=1)
         max_leaves = _checks.check_int(_FN, "max_leaves", max_leaves, min=0)
-        flush_interval = _checks.check_positive(_FN, "flush_interval", flush_interval)
         self._close_timeout = _checks.check_positive(_FN, "close_timeout", close_timeout)
+        open_timeout = _checks.check_nonnegative(_FN, "open_timeout", open_timeout)
         sinks = list(sinks)
         for i, sink in enumerate(sinks):
             if not isinstance(sink, Sink):
                 raise _checks.option_error(
                     _FN, f"sinks[{i}]", sink, "a penwatch.sinks.Sink (e.g. pw.sinks.Logging())"
                 )
-        if alerts is None:
-            from penwatch.alerts import NonFinite
-
-            alerts = [NonFinite()]
-        alerts = list(alerts)
+        alerts = [NonFinite()] if alerts is None else list(alerts)
         for i, alert in enumerate(alerts):
-            if not callable(getattr(alert, "evaluate", None)):
+            if not isinstance(alert, Alert):
                 raise _checks.option_error(
                     _FN, f"alerts[{i}]", alert, "a penwatch alert (e.g. pw.alerts.NonFinite())"
                 )
@@ -141,25 +153,21 @@ class Monitor:
             config={
                 **dict(config or {}),
                 "sinks": [type(s).__name__ for s in sinks],
-                "alerts": [getattr(a, "name", type(a).__name__) for a in alerts],
+                "alerts": [a.name for a in alerts],
             },
         )
         self.run, self.process = run, process
-        self._core = core = Core(info, sinks, alerts, max_leaves)
-        self._closed = False
-        self._worker = Worker(
-            handle=core.handle,
-            on_flush=core.flush,
-            on_stop=core.stop,
-            on_start=core.start,
-            max_queue=max_queue,
-            flush_interval=flush_interval,
-            name=f"penwatch-{run}",
+        self._dispatch = dispatch = Dispatch(info, sinks, alerts, max_leaves=max_leaves)
+        self._intake = dispatch.intake = Intake(
+            handle=dispatch.handle, max_queue=max_queue, name=f"penwatch-{run}"
         )
-        core.queue_drops = lambda w=self._worker: w.dropped
-        core.started.wait(10.0)  # sinks opened (e.g. /metrics bound) before training starts
-        weakref.finalize(self, self._worker.request_stop).atexit = False
+        self._closed = False
+        self._status: RunStatus | None = None
+        self._recorded = self._refused = 0
+        dispatch.wait_opened(open_timeout)
+        weakref.finalize(self, _abandon, self._intake, dispatch, self._close_timeout).atexit = False
         _LIVE.add(self)
+        _signals.install(self)
 
     # -- training thread ---------------------------------------------------------------
 
@@ -176,91 +184,141 @@ class Monitor:
         """Queue one step's metrics; returns at once without reading device values.
 
         Args:
-          step: the training step (an int, or a device scalar read later).
-          metrics: a flat dict from ``Pipeline.compute``, ``MultiPipeline.compute`` or a
-            penwatch train step (device arrays or numbers; keys starting with ``_`` are
-            not metrics, except ``"_leaf_nonfinite"`` which feeds the non-finite report).
+          step: the training step: an int in the int64 range, or an integer scalar
+            device array (read later).
+          metrics: a ``pw.Metrics`` from ``Pipeline.compute``, ``MultiPipeline.compute``
+            or a penwatch train step, or a flat mapping of string keys to scalars (keys
+            starting with ``_`` are not metrics, except ``"_leaf_nonfinite"``, which
+            feeds the non-finite report).
           loss: the task loss. Becomes the record's ``loss`` (the ``penwatch_loss``
             gauge) and, when ``metrics`` has no ``"loss"``, the ``"loss"`` metric.
             Default: ``metrics["base_loss"]``, else ``metrics["loss"]``.
           pipeline: label of the penalties in this record.
           dispatched_at_ns: ``time.time_ns()`` taken just before the step was
-            dispatched; the duration runs from there to when the results are ready.
-            Default: now (the call to ``record``), which misses the dispatch itself.
+            dispatched; default: now (the call to ``record``, just after dispatch).
           kind: ``"train_step"`` or ``"pipeline_compute"`` (span name); default:
             ``"train_step"`` when ``metrics`` has ``base_loss``, ``_leaf_nonfinite`` or
             gradient-diagnostic keys.
 
         Raises:
+          TypeError, ValueError: ``step``, ``metrics``, ``pipeline`` or ``kind`` is not
+            what is allowed (nothing is queued).
           NonFiniteDetected: when a ``pw.alerts.NonFinite(action="raise")`` fired on an
             earlier record (raised here, on the training thread, once).
         """
         now = time.time_ns()
         self._raise_pending()
+        where = f"{_FN}.record"
+        _check_step(where, step)
         if not isinstance(metrics, Mapping):
-            raise _checks.option_error(
-                f"{_FN}.record",
-                "metrics",
-                metrics,
-                "a mapping of metric names to scalars",
-                label="argument",
-            )
+            raise TypeError(
+                str(
+                    _checks.option_error(
+                        where, "metrics", metrics, "a mapping of metric names to scalars",
+                        label="argument",
+                    )
+                )
+            )  # fmt: skip
+        payload = metrics if type(metrics).__name__ == "Metrics" else dict(metrics)
+        if payload is not metrics:
+            for key in payload:
+                if not isinstance(key, str):
+                    raise TypeError(
+                        str(_checks.option_error(
+                            where, "metrics", f"key {key!r}", "string keys", label="argument"
+                        ))
+                    )  # fmt: skip
+        if not isinstance(pipeline, str) or not pipeline:
+            raise _checks.option_error(where, "pipeline", pipeline, "a non-empty string")
         if kind is not None:
-            _checks.check_choice(f"{_FN}.record", "kind", kind, ("train_step", "pipeline_compute"))
+            _checks.check_choice(where, "kind", kind, ("train_step", "pipeline_compute"))
+        if dispatched_at_ns is not None and not isinstance(dispatched_at_ns, int):
+            raise _checks.option_error(
+                where, "dispatched_at_ns", dispatched_at_ns, "None or an int (time.time_ns())"
+            )
         item = Item(
-            payload=(dict(metrics), loss, step),
-            step=step,
+            payload=(payload, loss, step),
+            step=int(step) if isinstance(step, int | np.integer) else None,
             pipeline=pipeline,
             kind=kind,
             wall_time=now / 1e9,
             dispatched_at_ns=now if dispatched_at_ns is None else dispatched_at_ns,
         )
-        if self._worker.put(item):
-            self._core.recorded += 1
+        if self._intake.put(item):
+            self._recorded += 1
         else:
-            self._core.closed_drops += 1
-            if self._core.closed_drops == 1:
-                logger.warning("penwatch monitor %r: record() after close(); dropped", self.run)
+            self._refused += 1
+            if self._refused == 1:
+                logger.warning("penwatch monitor %r: record() after close(); refused", self.run)
 
     def _raise_pending(self) -> None:
-        error, self._core.pending_error = self._core.pending_error, None
+        error, self._dispatch.pending_error = self._dispatch.pending_error, None
         if error is not None:
             raise error
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything recorded so far reached the sinks and they flushed.
+        """Wait until everything recorded so far was written by every sink (or counted
+        as lost) and the sinks flushed.
 
         Returns:
-          False when ``timeout`` seconds passed first.
+          False when ``timeout`` seconds passed first (a sink still down or slow).
         """
         self._raise_pending()
-        return self._worker.flush(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._intake.drained(_left(deadline)):
+            return False
+        return all([w.flush(_left(deadline)) for w in self._dispatch.workers])
 
-    def close(self, timeout: float | None = None) -> bool:
-        """Drain the queue, flush and close every sink. Idempotent.
+    def close(self, timeout: float | None = None, *, status: RunStatus | None = None) -> bool:
+        """Drain the queue, then let every sink write what it holds and close. Idempotent.
 
         Args:
-          timeout: seconds to wait (default ``close_timeout``); records still queued
-            after that are abandoned to the daemon worker.
+          timeout: seconds to wait in all (default ``close_timeout``); what is still
+            queued after that is counted as lost (``close_timeout`` before the sinks,
+            ``unfinished`` in a sink).
+          status: how the run ended: ``"finished"`` (default), ``"stopped"`` (set by the
+            SIGTERM/SIGINT handler) or ``"failed"`` (set by ``with`` on an exception).
 
         Returns:
-          False when the timeout passed before the worker finished.
+          False when the timeout passed before everything was written.
 
         Raises:
           NonFiniteDetected: pending from a ``NonFinite(action="raise")`` alert.
         """
-        first = not self._closed
+        if self._closed:
+            self._raise_pending()
+            return True
         self._closed = True
-        done = self._worker.stop(self._close_timeout if timeout is None else timeout)
-        if first and not done:
-            logger.warning(
-                "penwatch monitor %r: close() timed out with %d records queued",
-                self.run,
-                self._worker.pending,
+        if status is not None:
+            _checks.check_choice(
+                f"{_FN}.close", "status", status, ("finished", "stopped", "failed")
             )
+        status = self._status or status or "finished"
+        timeout = self._close_timeout if timeout is None else timeout
+        done = _shutdown(self._intake, self._dispatch, status, timeout)
         _LIVE.discard(self)
+        self._log_losses(done)
         self._raise_pending()
         return done
+
+    def _log_losses(self, done: bool) -> None:
+        stats = self.stats
+        lost = {name: stats.lost(name) for name in stats.sinks}
+        if not done or any(lost.values()):
+            logger.warning(
+                "penwatch monitor %r closed%s: %d records; lost before the sinks %s; per "
+                "sink written/lost %s",
+                self.run,
+                "" if done else " after its timeout",
+                stats.recorded,
+                {k: v for k, v in stats.dropped.items() if v} or "none",
+                {n: f"{s.written}/{lost[n]}" for n, s in stats.sinks.items()},
+            )
+
+    def _mark_stopped(self) -> None:
+        """Called by the SIGTERM/SIGINT handler: the run ends as ``stopped``."""
+        if self._status is None:
+            self._status = "stopped"
 
     def __enter__(self) -> Monitor:
         return self
@@ -268,10 +326,19 @@ class Monitor:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
             self.close()
-        else:  # do not mask the training error with a pending alert error
-            self._core.pending_error = None
+            return
+        # An exception is propagating: never replace it (not with a pending alert error,
+        # not with a failure of close itself).
+        if self._status is None and not issubclass(exc_type, KeyboardInterrupt):
+            self._status = "failed"
+        elif self._status is None:
+            self._status = "stopped"
+        self._dispatch.pending_error = None
+        try:
             self.close()
-            self._core.pending_error = None
+        except Exception:
+            logger.exception("penwatch monitor %r: close() failed during an exception", self.run)
+        self._dispatch.pending_error = None
 
     # -- counters ------------------------------------------------------------------------
 
@@ -282,46 +349,96 @@ class Monitor:
     @property
     def stats(self) -> MonitorStats:
         """A snapshot of the counters (see :class:`MonitorStats`)."""
-        core = self._core
+        d = self._dispatch
         return MonitorStats(
-            recorded=core.recorded,
-            processed=core.processed,
-            dropped=core.dropped(),
-            sink_errors={g.name: g.errors for g in core.guards},
-            sink_lost={g.name: g.lost for g in core.guards},
-            events=core.events,
-            alert_errors=core.alert_errors,
+            recorded=self._recorded,
+            processed=d.processed,
+            dropped=d.dropped(),
+            refused=self._refused,
+            sinks={w.name: w.stats() for w in d.workers},
+            events=d.events,
+            alert_errors=d.alert_errors,
         )
 
     @property
     def records(self) -> int:
-        """Records processed by the worker so far."""
-        return self._core.processed
+        """Records processed by the dispatcher so far."""
+        return self._dispatch.processed
 
     @property
     def dropped(self) -> Mapping[str, int]:
-        """Records lost by reason (see :class:`MonitorStats`)."""
-        return self._core.dropped()
+        """Records lost before any sink saw them, by reason (see :class:`MonitorStats`)."""
+        return self._dispatch.dropped()
 
     @property
     def sink_errors(self) -> Mapping[str, int]:
         """Exceptions raised per sink."""
-        return {g.name: g.errors for g in self._core.guards}
+        return {w.name: w.errors for w in self._dispatch.workers}
 
     @property
     def pending(self) -> int:
-        """Records queued and not yet processed."""
-        return self._worker.pending
+        """Records queued and not yet dispatched."""
+        return self._intake.pending
 
     def __repr__(self) -> str:
         return f"Monitor(run={self.run!r}, process={self.process}, closed={self._closed})"
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+
+def _check_step(where: str, step: Any) -> None:
+    """An int in the int64 range, or an integer scalar array (checked without a sync)."""
+    if isinstance(step, int | np.integer) and not isinstance(step, bool):
+        if _INT64[0] <= int(step) <= _INT64[1]:
+            return
+        raise _checks.option_error(
+            where, "step", step, f"an integer in the int64 range [{_INT64[0]}, {_INT64[1]}]",
+            label="argument",
+        )  # fmt: skip
+    if isinstance(step, jax.Array | np.ndarray) and not isinstance(step, bool):
+        dtype = np.dtype(step.dtype)
+        if step.shape == () and dtype.kind in "iu" and dtype != np.uint64:
+            return
+    raise TypeError(_step_message(where, step))
+
+
+def _step_message(where: str, step: Any) -> str:
+    allowed = "an int or an integer scalar array (not a bool, a float or a uint64)"
+    return str(_checks.option_error(where, "step", step, allowed, label="argument"))
+
+
+def _shutdown(intake: Intake, dispatch: Dispatch, status: RunStatus, timeout: float) -> bool:
+    """Dispatch what is queued, let every sink write what it holds, close the sinks; give
+    up at the deadline, counting what is left as lost. True when nothing was given up."""
+    deadline = time.monotonic() + timeout
+    done = intake.stop(_left(deadline))
+    if not done:
+        intake.seal()
+    closing = [w.begin_close(status) for w in dispatch.workers]
+    for worker, finished in zip(dispatch.workers, closing, strict=True):
+        if not finished.wait(_left(deadline)):
+            worker.seal()
+            done = False
+    return done
+
+
+def _abandon(intake: Intake, dispatch: Dispatch, timeout: float) -> None:
+    """A monitor garbage-collected without close: close it from a thread of its own."""
+    threading.Thread(
+        target=_shutdown,
+        args=(intake, dispatch, "finished", timeout),
+        name="penwatch-abandoned",
+        daemon=True,
+    ).start()
 
 
 @atexit.register
 def _close_all_at_exit() -> None:
     for monitor in list(_LIVE):
         try:
-            monitor._core.pending_error = None
+            monitor._dispatch.pending_error = None
             monitor.close()
         except Exception:
             logger.exception("penwatch: closing monitor %r at exit failed", monitor)

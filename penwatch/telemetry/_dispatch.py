@@ -1,0 +1,297 @@
+"""The dispatch thread's work: parse once, check, alert, open spans, fan out to sinks.
+
+Each ready record is materialized (one host read per packed buffer), parsed **once**
+into a :class:`~penwatch.schema.StepRecord` (its :class:`~penwatch.schema.Layout` is
+cached per key tuple), checked for NaN/Inf, shown to the alerts, and handed to every
+sink's :class:`~penwatch.telemetry._delivery.SinkWorker`, which writes it from a
+thread of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from penwatch.alerts import Alert
+from penwatch.schema import (
+    LEAF_COUNT_TOTAL,
+    LEAF_COUNTS,
+    Event,
+    RunInfo,
+    StepRecord,
+    find_nonfinite,
+    layout_of,
+    leaf_reports,
+)
+from penwatch.sinks import Sink
+from penwatch.telemetry._delivery import SinkWorker
+from penwatch.telemetry._intake import Intake, Item
+
+logger = logging.getLogger("penwatch.telemetry")
+
+try:  # TEMPORARY until pw.Metrics lands
+    from penwatch.schema import Metrics as _METRICS
+except ImportError:  # pragma: no cover
+    _METRICS = ()
+
+__all__ = ["DROP_REASONS", "Dispatch"]
+
+DROP_REASONS = ("queue_full", "materialize_error", "invalid", "close_timeout")
+"""Why the monitor lost a record before any sink saw it: the intake queue overflowed,
+its arrays could not be read (e.g. donated buffers), its values could not be converted,
+or it was still queued when ``close`` stopped waiting."""
+
+
+class Dispatch:
+    """Dispatch-thread state. Threads reference this, never the Monitor (so it can be GC'd)."""
+
+    def __init__(
+        self,
+        info: RunInfo,
+        sinks: Sequence[Sink],
+        alerts: Sequence[Alert],
+        *,
+        max_leaves: int,
+    ) -> None:
+        self.info, self.alerts, self.max_leaves = info, list(alerts), max_leaves
+        names: dict[str, int] = {}
+        self.workers: list[SinkWorker] = []
+        for sink in sinks:
+            base = sink.name or type(sink).__name__
+            names[base] = names.get(base, 0) + 1
+            name = base if names[base] == 1 else f"{base}#{names[base]}"
+            self.workers.append(SinkWorker(sink, name, info))
+        self._tracers = [w for w in self.workers if type(w.sink).begin_step is not Sink.begin_step]
+        self.processed = self.events = self.alert_errors = 0
+        self.materialize_errors = self.invalid = 0
+        self.pending_error: BaseException | None = None
+        self.intake: Intake | None = None
+        self._reported_drops = 0
+        self._lock = threading.Lock()
+
+    def dropped(self) -> dict[str, int]:
+        """Records lost before reaching any sink, by reason (:data:`DROP_REASONS`)."""
+        intake = self.intake
+        return {
+            "queue_full": intake.dropped if intake else 0,
+            "materialize_error": self.materialize_errors,
+            "invalid": self.invalid,
+            "close_timeout": intake.abandoned if intake else 0,
+        }
+
+    def wait_opened(self, timeout: float) -> None:
+        """Wait (bounded) until every sink's first ``open`` returned, so that e.g.
+        ``/metrics`` is bound before training starts."""
+        deadline = time.monotonic() + timeout
+        for worker in self.workers:
+            worker.started.wait(max(deadline - time.monotonic(), 0.0))
+
+    def handle(self, item: Item) -> None:
+        try:
+            record = self.build(item)
+        except Exception as exc:
+            counter = "materialize_errors" if item.error is not None else "invalid"
+            setattr(self, counter, getattr(self, counter) + 1)
+            if getattr(self, counter) == 1:
+                logger.error(
+                    "penwatch monitor: step %r's results could not be %s (%s: %s); record "
+                    "dropped and counted as %s (logged once)",
+                    item.step,
+                    "read" if item.error is not None else "converted",
+                    type(exc).__name__,
+                    exc,
+                    "materialize_error" if item.error is not None else "invalid",
+                )
+            return
+        events = self._drop_events(record) + self.evaluate(record)
+        trace_id = None
+        for worker in self._tracers:
+            try:
+                trace_id = worker.sink.begin_step(record) or trace_id
+            except Exception as exc:
+                worker.errors += 1
+                logger.debug("penwatch sink %s: begin_step failed: %s", worker.name, exc)
+        if trace_id:
+            record = _with_trace(record, trace_id)
+        intake = self.intake
+        with intake.fanout_lock if intake else _NO_LOCK:
+            if intake is not None and intake.sealed:
+                intake.abandoned += 1
+                return
+            self.processed += 1
+            for worker in self.workers:
+                for event in events:
+                    worker.put(event)
+                worker.put(record)
+
+    def build(self, item: Item) -> StepRecord:
+        if item.error is not None:
+            raise item.error
+        metrics, loss, step = item.payload
+        values, reserved, penalties = _host_values(metrics)
+        leaf_counts = None
+        count = values.pop(LEAF_COUNT_TOTAL, None)
+        tree = reserved.get(LEAF_COUNTS)
+        if tree is not None and (count is None or count > 0):
+            # the per-leaf counts are read only when the in-step total says one is bad
+            leaf_counts = _materialize(tree)
+        if loss is not None:
+            explicit = _scalar(_materialize(loss))
+            values.setdefault("loss", explicit)
+        else:
+            explicit = values.get("base_loss", values.get("loss"))
+        layout = layout_of(values, penalties)
+        numbers = tuple(values.values())
+        kind = item.kind or (
+            "train_step"
+            if tree is not None or "base_loss" in values or layout.terms
+            else "pipeline_compute"
+        )
+        step = _step(step)
+        return StepRecord(
+            run=self.info.run,
+            process=self.info.process,
+            step=step,
+            pipeline=item.pipeline,
+            wall_time=item.wall_time,
+            values=values,
+            layout=layout,
+            loss=explicit,
+            duration_seconds=None if item.device_ns is None else item.device_ns / 1e9,
+            nonfinite=find_nonfinite(numbers, layout),
+            leaves=leaf_reports(leaf_counts, max_leaves=self.max_leaves),
+            kind=kind,  # type: ignore[arg-type]
+            dispatched_at_ns=item.dispatched_at_ns,
+            ready_at_ns=item.ready_at_ns,
+            dropped=self.dropped(),
+        )
+
+    def _drop_events(self, record: StepRecord) -> list[Event]:
+        """A ``records_dropped`` event for intake overflow since the last record."""
+        intake = self.intake
+        if intake is None or intake.dropped == self._reported_drops:
+            return []
+        with intake._cond:  # the training thread appends under this lock
+            steps, intake.dropped_steps = intake.dropped_steps, []
+            count, self._reported_drops = intake.dropped - self._reported_drops, intake.dropped
+        steps = steps or [record.step]
+        return [
+            Event(
+                run=record.run,
+                process=record.process,
+                step=record.step,
+                wall_time=record.wall_time,
+                kind="info",
+                name="records_dropped",
+                message=(
+                    f"{count} step records (steps {min(steps)}..{max(steps)}) were "
+                    "dropped by the monitor: its queue (max_queue) was full"
+                ),
+                severity="warning",
+                attributes={
+                    "sink": None,
+                    "reason": "queue_full",
+                    "count": count,
+                    "events": 0,
+                    "first_step": min(steps),
+                    "last_step": max(steps),
+                },
+            )
+        ]
+
+    def evaluate(self, record: StepRecord) -> list[Event]:
+        events: list[Event] = []
+        for alert in self.alerts:
+            try:
+                events.extend(alert.evaluate(record))
+                error = alert.take_error()
+            except Exception:
+                self.alert_errors += 1
+                logger.exception("penwatch alert %r raised; ignored", alert)
+                continue
+            if error is not None and self.pending_error is None:
+                self.pending_error = error
+        self.events += len(events)
+        return events
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()
+
+
+def _with_trace(record: StepRecord, trace_id: int) -> StepRecord:
+    return dataclasses.replace(record, trace_id=trace_id)
+
+
+def _host_values(
+    metrics: Any,
+) -> tuple[dict[str, float], Mapping[str, Any], tuple[str, ...] | None]:
+    """``(scalar values in order, reserved entries, penalty order or None)``."""
+    if isinstance(metrics, _METRICS):
+        return metrics.scalars(), metrics.reserved, metrics.penalties
+    reserved = {k: v for k, v in metrics.items() if k.startswith("_")}
+    host = _materialize({k: v for k, v in metrics.items() if not k.startswith("_")})
+    values: dict[str, float] = {}
+    for key, value in host.items():
+        number = _scalar(value)
+        if number is not None:  # non-scalar entries (e.g. a pairwise matrix) are not recorded
+            values[key] = number
+    count = reserved.get(LEAF_COUNT_TOTAL)
+    if count is not None:
+        values[LEAF_COUNT_TOTAL] = _scalar(_materialize(count))  # type: ignore[assignment]
+    return values, reserved, None
+
+
+def _step(step: Any) -> int:
+    if isinstance(step, int):
+        return step
+    value = np.asarray(step)
+    if value.shape != () or value.dtype.kind not in "iu":
+        raise TypeError(f"step must be an integer scalar, got {step!r}")
+    return int(value)
+
+
+def _materialize(tree: Any) -> Any:
+    """Host copies of a pytree's arrays, in one go.
+
+    On accelerators: one ``jax.device_get`` of the whole tree (all transfers started
+    together). On the CPU backend the arrays already live in host memory and
+    ``np.asarray`` is a zero-copy view; ``device_get``'s per-array asynchronous copy
+    bookkeeping would cost ~20x more worker CPU.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    first = next((leaf for leaf in leaves if isinstance(leaf, jax.Array)), None)
+    if first is not None and any(d.platform != "cpu" for d in first.devices()):
+        return jax.device_get(tree)
+    host = [np.asarray(leaf) if isinstance(leaf, jax.Array) else leaf for leaf in leaves]
+    return jax.tree_util.tree_unflatten(treedef, host)
+
+
+def _scalar(value: Any) -> float | None:
+    if isinstance(value, float):
+        return value
+    if isinstance(value, bool | int):
+        return float(value)
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "fiub":
+        return float(value.reshape(()))  # the common case, without dtype machinery
+    try:
+        arr = np.asarray(value)
+    except Exception:
+        return None
+    if arr.size != 1 or arr.dtype.kind not in "fiub":
+        return None
+    return float(arr.reshape(()).astype(np.float64))

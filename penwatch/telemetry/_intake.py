@@ -1,0 +1,256 @@
+"""The monitor's intake: a bounded queue, device time, and one dispatch thread.
+
+``record`` on the training thread only appends device arrays to a bounded queue. Two
+daemon threads then keep the records in order (compare ``clu``'s ``AsyncWriter`` and
+OpenTelemetry's ``BatchProcessor``):
+
+* the *ready* thread waits for each record's arrays with ``jax.block_until_ready``,
+  stamps when they became ready and computes the step's **device time** (SPEC section
+  6): a step dispatched at ``d_i`` whose results are ready at ``r_i`` started on the
+  device no earlier than ``max(d_i, r_{i-1})``, so its duration is
+  ``r_i - max(d_i, r_{i-1})``, not the time it spent queued behind earlier steps;
+* the *dispatch* thread hands each ready record to ``handle`` (parse, alerts, fan-out to
+  the sinks' own delivery workers).
+
+The queue holds at most ``max_queue`` records across both stages; when full, the oldest
+record is dropped (and counted), so memory stays bounded and ``record`` never blocks.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+logger = logging.getLogger("penwatch.telemetry")
+
+__all__ = ["Intake", "Item"]
+
+
+@dataclasses.dataclass(eq=False)
+class Item:
+    """One queued record (or a flush/stop marker) travelling through the intake."""
+
+    payload: Any = None
+    step: int | None = None  # known on the host (None for a device scalar)
+    pipeline: str = "default"
+    kind: str | None = None
+    wall_time: float = 0.0
+    dispatched_at_ns: int = 0
+    ready_at_ns: int | None = None
+    device_ns: int | None = None
+    error: BaseException | None = None
+    marker: str | None = None  # None (a record), "flush" or "stop"
+    done: threading.Event | None = None
+
+
+class Intake:
+    """Bounded drop-oldest queue served in order by a ready thread and a dispatch thread.
+
+    Args:
+      handle: called on the dispatch thread with each record :class:`Item`.
+      max_queue: records held at most (both stages together).
+      name: thread name prefix.
+    """
+
+    def __init__(
+        self, *, handle: Callable[[Item], None], max_queue: int, name: str = "penwatch"
+    ) -> None:
+        self._handle = handle
+        self._max_queue = max_queue
+        self._cond = threading.Condition()  # guards both deques; wakes the ready thread
+        self._ready_cond = threading.Condition(self._cond._lock)  # wakes the dispatcher
+        self._incoming: collections.deque[Item] = collections.deque()
+        self._ready: collections.deque[Item] = collections.deque()
+        self._pending = 0  # records (not markers) in both deques
+        self._stopping = False
+        self._sealed = False
+        self._last_ready_ns = 0
+        self.dropped = 0
+        """Records dropped because the queue was full (the oldest went)."""
+        self.dropped_steps: list[int] = []
+        """Steps of the dropped records not yet reported (the dispatcher takes them)."""
+        self.abandoned = 0
+        """Records still queued when :meth:`seal` gave up on them (close timed out)."""
+        self.fanout_lock = threading.Lock()
+        """Held by the dispatcher while it fans one record out, so :meth:`seal` sees a
+        record either delivered to every sink or to none."""
+        self._ready_thread = threading.Thread(
+            target=self._ready_loop, name=f"{name}-ready", daemon=True
+        )
+        self._dispatch_thread = threading.Thread(
+            target=self._dispatch_loop, name=f"{name}-dispatch", daemon=True
+        )
+        self._ready_thread.start()
+        self._dispatch_thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Records queued and not yet dispatched."""
+        return self._pending
+
+    @property
+    def sealed(self) -> bool:
+        return self._sealed
+
+    def on_dispatch_thread(self) -> bool:
+        return threading.current_thread() is self._dispatch_thread
+
+    def put(self, item: Item) -> bool:
+        """Queue a record; returns False when it was refused (stopping)."""
+        with self._cond:
+            if self._stopping:
+                return False
+            if self._pending >= self._max_queue:
+                self._drop_oldest()
+            self._incoming.append(item)
+            self._pending += 1
+            self._cond.notify()
+        return True
+
+    def _drop_oldest(self) -> None:
+        # Caller holds the lock. The ready stage holds the older records.
+        for dq in (self._ready, self._incoming):
+            for i, it in enumerate(dq):
+                if it.marker is None:
+                    del dq[i]
+                    self._pending -= 1
+                    self.dropped += 1
+                    if it.step is not None:
+                        self.dropped_steps.append(it.step)
+                    return
+
+    def _marker(self, marker: str, timeout: float | None) -> bool:
+        done = threading.Event()
+        with self._cond:
+            if self._stopping:
+                stopped = True
+            else:
+                stopped = False
+                if marker == "stop":
+                    self._stopping = True
+                self._incoming.append(Item(marker=marker, done=done))
+                self._cond.notify_all()
+        if stopped:
+            self._dispatch_thread.join(timeout)
+            return not self._dispatch_thread.is_alive()
+        return done.wait(timeout)
+
+    def drained(self, timeout: float | None = None) -> bool:
+        """Wait until every record queued before this call was dispatched."""
+        if self.on_dispatch_thread():
+            return False  # a sink or alert callback waiting here would deadlock
+        return self._marker("flush", timeout)
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Dispatch what is queued, then end the threads. Returns False on timeout."""
+        if self.on_dispatch_thread():
+            with self._cond:
+                self._stopping = True
+            return False
+        return self._marker("stop", timeout)
+
+    def seal(self) -> int:
+        """Give up on what is still queued: count it as abandoned; returns the count."""
+        acquired = self.fanout_lock.acquire(timeout=1.0)
+        try:
+            with self._cond:
+                if self._sealed:
+                    return 0
+                self._sealed = True
+                self._stopping = True
+                left = self._pending
+                self._incoming = collections.deque(i for i in self._incoming if i.marker)
+                self._ready = collections.deque(i for i in self._ready if i.marker)
+                self._pending = 0
+                self.abandoned += left
+                self._cond.notify_all()
+                self._ready_cond.notify_all()
+            return left
+        finally:
+            if acquired:
+                self.fanout_lock.release()
+
+    def request_stop(self) -> None:
+        """Like :meth:`stop` without waiting (for garbage collection)."""
+        with self._cond:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._incoming.append(Item(marker="stop", done=threading.Event()))
+            self._cond.notify_all()
+
+    def _ready_loop(self) -> None:
+        _lower_priority()
+        while True:
+            with self._cond:
+                while not self._incoming:
+                    self._cond.wait()
+                item = self._incoming.popleft()
+                if item.marker is None:
+                    self._pending -= 1  # held here: not droppable
+            if item.marker is None:
+                try:
+                    jax.block_until_ready(item.payload)
+                except Exception as exc:  # deleted/donated buffers, a failed computation
+                    item.error = exc
+                ready = time.time_ns()
+                start = max(item.dispatched_at_ns, self._last_ready_ns)
+                item.ready_at_ns, item.device_ns = ready, max(ready - start, 0)
+                self._last_ready_ns = ready
+            with self._cond:
+                if item.marker is None and self._sealed:
+                    self.abandoned += 1  # close gave up on it while it was held here
+                    continue
+                if item.marker is None:
+                    self._pending += 1
+                self._ready.append(item)
+                self._ready_cond.notify()
+            if item.marker == "stop":
+                return
+
+    def _dispatch_loop(self) -> None:
+        _lower_priority()
+        while True:
+            with self._cond:
+                while not self._ready:
+                    self._ready_cond.wait()
+                batch = list(self._ready)
+                self._ready.clear()
+            for item in batch:
+                if item.marker is not None:
+                    if item.done is not None:
+                        item.done.set()
+                    if item.marker == "stop":
+                        return
+                    continue
+                with self._cond:
+                    if self._sealed:
+                        continue
+                    self._pending -= 1
+                try:
+                    self._handle(item)
+                except Exception:  # never let the dispatch thread die
+                    logger.exception("penwatch telemetry: internal error dispatching a record")
+                # Free the device arrays here and now: arrays still referenced when close()
+                # returns would be freed while the interpreter exits, which aborts it.
+                item.payload = None
+
+
+WORKER_NICE = 10
+"""Niceness added to the telemetry threads (Linux): telemetry yields the CPU to training."""
+
+
+def _lower_priority() -> None:
+    # On Linux a thread is a task with its own nice value. The worker is latency-tolerant
+    # (it only needs to keep up on average), the training step's compute threads are not.
+    with contextlib.suppress(AttributeError, OSError):  # not Linux / not permitted
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
