@@ -161,7 +161,7 @@ def demo(args: argparse.Namespace) -> int:
     """``penwatch demo``: returns the exit status."""
     import penwatch as pw
     from penwatch._demo import _train
-    from penwatch._demo._tracing import configure_tracing
+    from penwatch._demo._tracing import configure_tracing, shutdown_tracing
 
     if args.steps < 1:
         print(f"penwatch demo: --steps must be >= 1, got {args.steps}", file=sys.stderr)
@@ -216,7 +216,7 @@ def demo(args: argparse.Namespace) -> int:
     finally:
         monitor.close()
         if tracing is not None:
-            tracing[0].shutdown()
+            shutdown_tracing(tracing[0])
     stats = monitor.stats
     print(
         f"penwatch demo: done: {stats.processed} steps recorded, {stats.events} events, "

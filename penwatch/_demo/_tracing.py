@@ -23,7 +23,16 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 
-__all__ = ["CountingExporter", "configure_tracing", "tracing_requested"]
+__all__ = [
+    "SHUTDOWN_TIMEOUT",
+    "CountingExporter",
+    "configure_tracing",
+    "shutdown_tracing",
+    "tracing_requested",
+]
+
+SHUTDOWN_TIMEOUT = 2.0
+"""Seconds :func:`shutdown_tracing` waits for the last export (SPEC section 11)."""
 
 logger = logging.getLogger("penwatch.demo")
 
@@ -92,7 +101,7 @@ def configure_tracing(
         (``otlp`` over HTTP by default, or ``console``).
 
     Returns:
-      ``(provider, counting_exporter)``; call ``provider.shutdown()`` at the end.
+      ``(provider, counting_exporter)``; call :func:`shutdown_tracing` at the end.
     """
     if exporter is None:
         if not tracing_requested():
@@ -114,3 +123,36 @@ def configure_tracing(
     counting = CountingExporter(exporter)
     provider.add_span_processor(BatchSpanProcessor(counting))
     return provider, counting
+
+
+def shutdown_tracing(provider: TracerProvider, *, timeout: float = SHUTDOWN_TIMEOUT) -> bool:
+    """Flush and shut ``provider`` down, waiting at most ``timeout`` seconds.
+
+    ``TracerProvider.shutdown`` exports what is batched and can wait for the exporter's
+    own timeout (10 s for OTLP) and retries when the collector does not answer; a
+    process stopping (SIGTERM) cannot wait that long. The shutdown runs on a daemon
+    thread; spans it had not exported by the deadline are abandoned (the
+    :class:`CountingExporter` counts what did fail).
+
+    Returns:
+      False when the deadline passed first.
+    """
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            provider.shutdown()
+        except Exception:  # pragma: no cover - the SDK logs its own errors
+            logger.exception("penwatch: tracer provider shutdown failed")
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="penwatch-otel-shutdown", daemon=True).start()
+    if not done.wait(timeout):
+        logger.warning(
+            "penwatch: the span exporter did not finish within %.1fs (collector not "
+            "answering?); remaining spans abandoned",
+            timeout,
+        )
+        return False
+    return True

@@ -109,6 +109,9 @@ class SinkWorker:
         self.batch_size = max(1, int(sink.batch_size))
         self.max_delay = float(sink.max_delay)
         self.flush_interval = float(sink.flush_interval)
+        # A sink with its own write_steps writes a batch whole or not at all; others get
+        # one record per call, so a failure in the middle never rewrites the first ones.
+        self._batched = type(sink).write_steps is not Sink.write_steps
         self._initial, self._max_backoff, self._log_every = initial_backoff, max_backoff, log_every
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -122,7 +125,6 @@ class SinkWorker:
         self.received = self.written = self.errors = 0
         self.events_written = self.events_lost = 0
         self.lost = dict.fromkeys(LOSS_REASONS, 0)
-        self._in_flight = 0  # step records inside a write call right now
         self._opened = False
         self._failures = 0
         self._retry_at = 0.0
@@ -182,10 +184,8 @@ class SinkWorker:
             if self._sealed:
                 return
             self._sealed = True
-            while self._queue:
+            while self._queue:  # in-flight records are still at its head
                 self._lose(self._queue.popleft(), "unfinished")
-            self.lost["unfinished"] += self._in_flight
-            self._in_flight = 0
             for done in self._flush_requests:
                 done.set()
             self._flush_requests = []
@@ -193,7 +193,7 @@ class SinkWorker:
 
     def stats(self) -> SinkStats:
         with self._lock:
-            pending = sum(isinstance(i, StepRecord) for i in self._queue) + self._in_flight
+            pending = sum(isinstance(i, StepRecord) for i in self._queue)
             return SinkStats(
                 name=self.name,
                 received=self.received,
@@ -253,8 +253,6 @@ class SinkWorker:
                     closing = self._closing
                     break
                 batch = [self._queue[i] for i in range(min(self.batch_size, len(self._queue)))]
-                steps = sum(isinstance(i, StepRecord) for i in batch)
-                self._in_flight = steps
                 requests, self._flush_requests = self._flush_requests, []
                 closing = self._closing
                 self._force = False  # a flush or close retries at once, then backs off
@@ -279,41 +277,40 @@ class SinkWorker:
 
     def _deliver(self, batch: list[StepRecord | Event]) -> None:
         if not self._ensure_open():
-            self._keep_buffered()
             return
         gap = self._take_gap()
         if gap is not None and not self._call("write_event", gap):
             self._restore_gap(gap)
-            self._keep_buffered()
             return
-        steps = [i for i in batch if isinstance(i, StepRecord)]
-        try:
-            self._write(batch, steps)
-        except Exception as exc:
-            if is_outage(exc):
-                self._failed("write", exc)
-                self._keep_buffered()
-                return
-            self._failed("write", exc, outage=False)
-            self._one_by_one(batch)
-            return
-        self._succeeded()
-        self._done(batch, written=batch)
-
-    def _write(self, batch: list[StepRecord | Event], steps: list[StepRecord]) -> None:
-        # Events go first, in order with the steps they belong to; a batch of steps is
-        # one write_steps call (one transaction for the store).
-        run: list[StepRecord] = []
+        # Runs of steps go as one write_steps call (one transaction for the store),
+        # events one by one, in order; each chunk leaves the queue once written, so a
+        # retry after a failure never writes it twice.
+        chunks: list[list[StepRecord | Event]] = []
         for item in batch:
-            if isinstance(item, StepRecord):
-                run.append(item)
-                continue
-            if run:
-                self.sink.write_steps(run)
-                run = []
-            self.sink.write_event(item)
-        if run:
-            self.sink.write_steps(run)
+            if (
+                self._batched
+                and chunks
+                and isinstance(item, StepRecord)
+                and isinstance(chunks[-1][0], StepRecord)
+            ):
+                chunks[-1].append(item)
+            else:
+                chunks.append([item])
+        for index, chunk in enumerate(chunks):
+            try:
+                if isinstance(chunk[0], StepRecord):
+                    self.sink.write_steps(chunk)  # type: ignore[arg-type]
+                else:
+                    self.sink.write_event(chunk[0])  # type: ignore[arg-type]
+            except Exception as exc:
+                if is_outage(exc):  # the rest stays at the queue head for the next try
+                    self._failed("write", exc)
+                    return
+                self._failed("write", exc, outage=False)
+                self._one_by_one([i for c in chunks[index:] for i in c])
+                return
+            self._done(chunk, written=chunk)
+        self._succeeded()
 
     def _one_by_one(self, batch: list[StepRecord | Event]) -> None:
         written: list[StepRecord | Event] = []
@@ -325,10 +322,9 @@ class SinkWorker:
                 else:
                     self.sink.write_event(item)
             except Exception as exc:
-                if is_outage(exc):
+                if is_outage(exc):  # the rest stays at the queue head for the next try
                     self._failed("write", exc)
                     self._done(batch[:index], written=written, poison=poison)
-                    self._keep_buffered()
                     return
                 self.errors += 1
                 self._log_once(
@@ -356,7 +352,6 @@ class SinkWorker:
     ) -> None:
         """Pop ``batch`` from the queue head and count it (unless sealed meanwhile)."""
         with self._lock:
-            self._in_flight = 0
             if self._sealed:
                 return
             for _ in batch:
@@ -368,11 +363,6 @@ class SinkWorker:
                     self.events_written += 1
             for item in poison:
                 self._lose(item, "poison")
-
-    def _keep_buffered(self) -> None:
-        """After an outage: the batch stays at the queue head for the next try."""
-        with self._lock:
-            self._in_flight = 0
 
     def _take_gap(self) -> Event | None:
         with self._lock:

@@ -58,7 +58,8 @@ class InstrumentedPipeline:
           **kwargs: passed to ``compute`` (e.g. ``track_grad_norms=True``).
 
         Returns:
-          ``(total, metrics)`` exactly as the pipeline returns them (device arrays).
+          ``(total, metrics)`` exactly as the pipeline returns them (a device array and
+          a :class:`penwatch.Metrics`).
         """
         dispatched_at = time.time_ns()
         total, metrics = self.pipeline.compute(inputs, **kwargs)
