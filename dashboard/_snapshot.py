@@ -7,15 +7,17 @@ one row per drawn point, long format, NaN for gaps, never ±Inf.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from dashboard._runs import LIVE, RunChoice, combine_statuses
 from penwatch import schema, store
 from penwatch.schema import thresholds
+
+__all__ = ["ALL_PROCESSES", "Headline", "RunChoice", "Snapshot", "build"]
 
 ALL_PROCESSES = None
 """``process`` value meaning every process of the run, aggregated."""
@@ -33,17 +35,6 @@ while its condition (dominance, conflict, non-finite) still holds."""
 TERM_QUANTITIES = tuple(schema.TERM_QUANTITIES)
 
 
-@dataclasses.dataclass(frozen=True)
-class RunChoice:
-    """A run as listed in the run picker."""
-
-    name: str
-    processes: tuple[int, ...]
-    status: str
-    last_step: int | None
-    updated_at: float
-
-
 @dataclasses.dataclass
 class Headline:
     """The numbers at the top of the page (None where unknown)."""
@@ -57,6 +48,11 @@ class Headline:
     alerts: int = 0
     status: str = "unknown"
     updated_at: float | None = None
+
+    @property
+    def live(self) -> bool:
+        """True while the run (some process of it) is still being written."""
+        return self.status == LIVE
 
 
 def _frame(*columns: str) -> pd.DataFrame:
@@ -137,34 +133,6 @@ class Snapshot:
     def empty(self) -> bool:
         """True when the run has no recorded step yet."""
         return self.headline.step is None
-
-
-def group_runs(rows: Sequence[store.RunRow]) -> list[RunChoice]:
-    """Runs by name (processes gathered), most recently updated first."""
-    by: dict[str, list[store.RunRow]] = {}
-    for r in rows:
-        by.setdefault(r.name, []).append(r)
-    out = []
-    for name, rs in by.items():
-        steps = [r.last_step for r in rs if r.last_step is not None]
-        statuses = {r.status for r in rs}
-        status = (
-            "running"
-            if "running" in statuses
-            else "failed"
-            if "failed" in statuses
-            else ("finished")
-        )
-        out.append(
-            RunChoice(
-                name,
-                tuple(sorted(r.process for r in rs)),
-                status,
-                max(steps) if steps else None,
-                max(r.updated_at for r in rs),
-            )
-        )
-    return sorted(out, key=lambda c: -c.updated_at)
 
 
 def total_nonfinite(
@@ -332,7 +300,7 @@ def build(
         )
 
     h = snap.headline
-    h.status = group_runs(runs)[0].status if runs else "unknown"
+    h.status = combine_statuses(r.status for r in runs)
     h.updated_at = max((r.updated_at for r in runs), default=None)
     h.nonfinite = int(total_nonfinite(series, buckets))
     if steps and steps.get("step") is not None and steps["step"].size:
@@ -405,17 +373,3 @@ def _open_alerts(
         else:
             open_keys.discard(key)
     return len(open_keys)
-
-
-def age(updated_at: float | None) -> str:
-    """'3 s ago' style age of a timestamp."""
-    if updated_at is None:
-        return "never"
-    s = max(0.0, time.time() - updated_at)
-    return (
-        f"{s:.0f} s ago"
-        if s < 120
-        else f"{s / 60:.0f} min ago"
-        if s < 7200
-        else (f"{s / 3600:.1f} h ago")
-    )

@@ -5,6 +5,12 @@ server (``--prometheus URL`` or ``PENWATCH_PROMETHEUS_URL``) and refreshes itsel
 few seconds (``--refresh`` / ``PENWATCH_REFRESH_SECONDS``) with ``st.fragment``, reading
 only what is new. It never creates metrics, tracers or writers: Streamlit re-runs this
 script top to bottom, and all state lives in the per-session source.
+
+The run picker lists each run's status; the page says when the selected run is not live
+(finished, stopped, failed, or crashed: no heartbeat for ``--stale-after`` /
+``PENWATCH_STALE_AFTER`` seconds). Text from users (run, pipeline, penalty and metric
+names, event messages) is shown literally: every piece of it that goes into Markdown
+passes through :func:`dashboard._text.md_escape`.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ if str(_ROOT) not in sys.path:
 import streamlit as st  # noqa: E402
 
 from dashboard import charts, sources  # noqa: E402
-from dashboard._snapshot import age  # noqa: E402
+from dashboard._runs import age, status_note  # noqa: E402
+from dashboard._text import md_escape  # noqa: E402
+from penwatch.schema import thresholds  # noqa: E402
 
 logger = logging.getLogger("penwatch.dashboard")
 
@@ -29,7 +37,7 @@ st.set_page_config(page_title="penwatch", page_icon="📉", layout="wide")
 try:
     CONFIG = sources.Config.from_env(sys.argv[1:])
 except ValueError as exc:
-    st.error(str(exc))
+    st.error(md_escape(exc))
     st.stop()
 
 
@@ -62,9 +70,10 @@ def _headline(snap: sources.Snapshot) -> None:
     sampling = (
         "every step drawn" if snap.width == 1 else (f"downsampled: min–max per {snap.width} steps")
     )
+    live = "live" if h.live else "not live"
     st.caption(
-        f"run **{snap.run}** · {where} · status **{h.status}** · last update "
-        f"{age(h.updated_at)} · {sampling}"
+        f"run **{md_escape(snap.run)}** · {where} · status **{md_escape(h.status)}** ({live}) · "
+        f"last update {age(h.updated_at)} · {sampling}"
     )
 
 
@@ -75,13 +84,14 @@ def _warnings(snap: sources.Snapshot) -> dict[str, str]:
             highlight[row.term] = row.status
             if row.status == "dominating":
                 st.warning(
-                    f"**{row.term}** dominates the gradient: share "
-                    f"{row.grad_share:.2f} of the update (> 0.5)."
+                    f"**{md_escape(row.term)}** dominates the gradient: share "
+                    f"{row.grad_share:.2f} of the update (> {thresholds.DOMINANCE_SHARE:g})."
                 )
             else:
                 st.warning(
-                    f"**{row.term}** conflicts with the task loss: cosine "
-                    f"{row.grad_cosine:.2f} to the base-loss gradient (< -0.5)."
+                    f"**{md_escape(row.term)}** conflicts with the task loss: cosine "
+                    f"{row.grad_cosine:.2f} to the base-loss gradient "
+                    f"(< {thresholds.CONFLICT_COSINE:g})."
                 )
     for report in snap.reports[:1]:
         first = report.get("nonfinite") or []
@@ -89,11 +99,13 @@ def _warnings(snap: sources.Snapshot) -> dict[str, str]:
         if first:
             f0 = first[0]
             text = (
-                f"Non-finite at step {report['step']}: first offender `{f0['key']}` ({f0['kind']})"
+                f"Non-finite at step {report['step']}: first offender "
+                f"**{md_escape(f0['key'])}** ({md_escape(f0['kind'])})"
             )
             if leaves:
                 text += "; leaves: " + ", ".join(
-                    f"`{lf['tree']}{lf['path']}` (nan {lf['nan_count']}, inf {lf['inf_count']})"
+                    f"**{md_escape(lf['tree'] + lf['path'])}** "
+                    f"(nan {lf['nan_count']}, inf {lf['inf_count']})"
                     for lf in leaves[:3]
                 )
             st.error(text)
@@ -160,7 +172,13 @@ def _views(snap: sources.Snapshot) -> None:
         st.dataframe(recent.drop(columns=["wall_time"]), hide_index=True, width="stretch")
 
 
-def _pick(runs: list[sources.RunChoice]) -> tuple[str, int | None]:
+def _run_label(run: sources.RunChoice) -> str:
+    """A picker option: plain text (selectbox options are not Markdown)."""
+    step = "no steps yet" if run.last_step is None else f"step {run.last_step:,}"
+    return f"{run.name} · {run.status} · {step}"
+
+
+def _pick(runs: list[sources.RunChoice]) -> tuple[sources.RunChoice, int | None]:
     names = [r.name for r in runs]
     if st.session_state.get("penwatch_run") not in names:
         st.session_state["penwatch_run"] = names[0]
@@ -168,19 +186,29 @@ def _pick(runs: list[sources.RunChoice]) -> tuple[str, int | None]:
     left, right = st.columns([2, 1])
     with left:
         name = st.selectbox(
-            "Run",
-            names,
-            key="penwatch_run",
-            format_func=lambda n: f"{n} · {by_name[n].status} · step {by_name[n].last_step}",
+            "Run", names, key="penwatch_run", format_func=lambda n: _run_label(by_name[n])
         )
+    choice = by_name[name]
     process = None
-    procs = by_name[name].processes
-    if len(procs) > 1:
-        options = ["all processes", *[f"process {p}" for p in procs]]
+    if len(choice.processes) > 1:
+        options = [None, *choice.processes]
+
+        def label(p: int | None) -> str:
+            return "all processes" if p is None else f"process {p} · {choice.of(p)[0]}"
+
+        if st.session_state.get("penwatch_process", None) not in options:
+            st.session_state["penwatch_process"] = None
         with right:
-            choice = st.selectbox("Process", options, key="penwatch_process")
-        process = None if choice == "all processes" else int(choice.split()[-1])
-    return name, process
+            process = st.selectbox("Process", options, key="penwatch_process", format_func=label)
+    return choice, process
+
+
+def _status(choice: sources.RunChoice, process: int | None) -> None:
+    """Say plainly when the selected run is not live (or a process of it has ended)."""
+    note = status_note(choice, process, stale_after=CONFIG.stale_after)
+    if note is not None:
+        level, text = note
+        {"info": st.info, "warning": st.warning, "error": st.error}[level](text)
 
 
 @st.fragment(run_every=CONFIG.refresh_seconds)
@@ -190,29 +218,35 @@ def live() -> None:
     try:
         runs = source.runs()
     except sources.SourceUnavailable as exc:
-        st.info(str(exc))
+        st.info(md_escape(exc))
         return
     except Exception as exc:  # a store mid-write, a network error: say so, retry next tick
         logger.warning("dashboard: reading %s failed: %s", source.label, exc)
         st.warning(
-            f"Could not read {source.label} this time ({type(exc).__name__}: {exc}); retrying."
+            md_escape(f"Could not read {source.label} this time ({type(exc).__name__}: {exc})")
+            + "; retrying."
         )
         return
     if not runs:
         st.info(
-            f"{source.label} has no runs yet. Start one (`penwatch demo`); this page "
+            f"{md_escape(source.label)} has no runs yet. Start one (`penwatch demo`); this page "
             "refreshes by itself."
         )
         return
-    run, process = _pick(runs)
+    choice, process = _pick(runs)
+    run = choice.name
+    _status(choice, process)
     try:
         snap = source.snapshot(run, process)
     except Exception as exc:
-        logger.warning("dashboard: snapshot of %s failed: %s", run, exc, exc_info=True)
-        st.warning(f"Could not read run {run!r} this time ({type(exc).__name__}: {exc}); retrying.")
+        logger.warning("dashboard: snapshot of %r failed: %s", run, exc, exc_info=True)
+        st.warning(
+            f"Could not read run **{md_escape(run)}** this time "
+            f"({md_escape(f'{type(exc).__name__}: {exc}')}); retrying."
+        )
         return
     if snap.empty:
-        st.info(f"Run **{run}** has not recorded a step yet.")
+        st.info(f"Run **{md_escape(run)}** has not recorded a step yet.")
         return
     _headline(snap)
     _views(snap)
@@ -220,5 +254,5 @@ def live() -> None:
 
 st.title("penwatch · penalties while you train")
 _WHERE = f"Prometheus {CONFIG.prometheus}" if CONFIG.prometheus else f"SQLite store {CONFIG.db}"
-st.caption(f"Source: {_WHERE} · refreshing every {CONFIG.refresh_seconds:g} s")
+st.caption(f"Source: {md_escape(_WHERE)} · refreshing every {CONFIG.refresh_seconds:g} s")
 live()

@@ -3,6 +3,9 @@
 Every builder takes a tidy DataFrame from a :class:`~dashboard.sources.Snapshot` and
 returns an ``alt.Chart`` (or None when there is nothing to draw). NaN values are gaps;
 ±Inf never reaches a chart (sources store it as a non-finite marker instead).
+
+Names from users (penalties, terms, events) reach the page only as data: Vega draws
+axis labels, legends and tooltips as text, never as Markdown or HTML. Titles are fixed.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import altair as alt
 import numpy as np
 import pandas as pd
+
+from penwatch.schema import thresholds
 
 STATUS_COLORS = alt.Scale(
     domain=["ok", "dominating", "conflicting"], range=["#4c78a8", "#e45756", "#f58518"]
@@ -156,7 +161,9 @@ def grads(
     )
     layers = [chart]
     if quantity in ("grad_share", "grad_cosine"):
-        level = 0.5 if quantity == "grad_share" else -0.5
+        level = (
+            thresholds.DOMINANCE_SHARE if quantity == "grad_share" else thresholds.CONFLICT_COSINE
+        )
         layers.append(
             alt.Chart(pd.DataFrame({"y": [level]}))
             .mark_rule(color="#999", strokeDash=[2, 2])

@@ -11,6 +11,10 @@ only for the time since the previous one. Times are mapped to training steps thr
 ``penwatch_step``. Spikes stay visible: values are ``max_over_time`` per resolution step
 (shares and cosines ``avg_over_time``). Open alerts are Prometheus's own firing
 ``ALERTS`` for the run (from the ``deploy/`` rules), when there are any.
+
+Prometheus keeps no run status: a run whose last step is older than ``stale_after``
+seconds is ``idle`` (finished, stopped or crashed: Prometheus cannot tell), otherwise
+``running``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,12 @@ import numpy as np
 import pandas as pd
 
 from dashboard import _snapshot
-from dashboard._snapshot import RunChoice, Snapshot
+from dashboard._errors import SourceUnavailable
+from dashboard._runs import RunChoice
+from dashboard._snapshot import Snapshot
+from penwatch.schema import thresholds
+
+__all__ = ["PrometheusSource"]
 
 Series = dict[tuple[tuple[str, str], ...], dict[float, float]]
 
@@ -40,22 +49,28 @@ class PrometheusSource:
       lookback: seconds of history drawn.
       max_points: about how many points per series.
       timeout: HTTP timeout in seconds.
+      stale_after: seconds without a recorded step after which a run reads as ``idle``.
     """
 
     def __init__(
-        self, url: str, *, lookback: float = 3600.0, max_points: int = 400, timeout: float = 5.0
+        self,
+        url: str,
+        *,
+        lookback: float = 3600.0,
+        max_points: int = 400,
+        timeout: float = 5.0,
+        stale_after: float = thresholds.STALE_AFTER_SECONDS,
     ) -> None:
         self.url = url.rstrip("/")
         self.label = f"Prometheus {self.url}"
         self.lookback, self.max_points, self.timeout = lookback, max_points, timeout
+        self.stale_after = stale_after
         self.resolution = max(1, math.ceil(lookback / max_points))
         self._ranges: dict[str, tuple[float, Series]] = {}
 
     # --- HTTP -------------------------------------------------------------------------
 
     def _api(self, path: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        from dashboard.sources import SourceUnavailable
-
         query = urllib.parse.urlencode(params)
         try:
             with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=self.timeout) as r:
@@ -108,7 +123,7 @@ class PrometheusSource:
         out = []
         for name, rows in by.items():
             updated = max(r[2] for r in rows)
-            status = "running" if time.time() - updated < 120 else "idle"
+            status = "running" if time.time() - updated <= self.stale_after else "idle"
             out.append(
                 RunChoice(
                     name,

@@ -11,6 +11,7 @@ browser session (``st.session_state``), so a long run stays cheap to watch.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 from collections.abc import Mapping, MutableMapping
@@ -19,13 +20,18 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from dashboard import _snapshot
-from dashboard._snapshot import ALL_PROCESSES, RunChoice, Snapshot
+from dashboard import _runs, _snapshot
+from dashboard._errors import SourceUnavailable
+from dashboard._runs import RunChoice
+from dashboard._snapshot import ALL_PROCESSES, Snapshot
+from dashboard.prom_source import PrometheusSource
 from penwatch import store
+from penwatch.schema import thresholds
 
 __all__ = [
     "ALL_PROCESSES",
     "Config",
+    "PrometheusSource",
     "RunChoice",
     "SQLiteSource",
     "Snapshot",
@@ -37,10 +43,6 @@ __all__ = [
 
 STEP_WINDOW = 2000
 """Most recent step rows kept for headline numbers and duration percentiles."""
-
-
-class SourceUnavailable(RuntimeError):
-    """The source cannot be read now (missing store, Prometheus down); a friendly message."""
 
 
 class Source(Protocol):
@@ -59,11 +61,20 @@ class Source(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Where to read from: a store path or a Prometheus URL (Prometheus wins when set)."""
+    """Where to read from and how: a store path or a Prometheus URL (Prometheus wins).
+
+    Attributes:
+      db: the SQLite store.
+      prometheus: a Prometheus server's base URL, or None.
+      refresh_seconds: seconds between refreshes.
+      stale_after: seconds without a heartbeat after which a ``running`` run reads as
+        ``crashed`` (Prometheus: ``idle``).
+    """
 
     db: str = "penwatch.db"
     prometheus: str | None = None
     refresh_seconds: float = 2.0
+    stale_after: float = thresholds.STALE_AFTER_SECONDS
 
     @classmethod
     def from_env(
@@ -72,7 +83,11 @@ class Config:
         """Options after ``--`` in ``streamlit run dashboard/app.py -- --db PATH``, then env.
 
         ``--db`` / ``PENWATCH_DB``, ``--prometheus`` / ``PENWATCH_PROMETHEUS_URL``,
-        ``--refresh`` / ``PENWATCH_REFRESH_SECONDS``.
+        ``--refresh`` / ``PENWATCH_REFRESH_SECONDS``, ``--stale-after`` /
+        ``PENWATCH_STALE_AFTER``.
+
+        Raises:
+          ValueError: a number of seconds that is not a finite number > 0.
         """
         import argparse
 
@@ -80,27 +95,43 @@ class Config:
         parser = argparse.ArgumentParser(prog="dashboard/app.py", allow_abbrev=False)
         parser.add_argument("--db", default=env.get("PENWATCH_DB", "penwatch.db"))
         parser.add_argument("--prometheus", default=env.get("PENWATCH_PROMETHEUS_URL") or None)
+        parser.add_argument("--refresh", default=env.get("PENWATCH_REFRESH_SECONDS", "2"))
         parser.add_argument(
-            "--refresh", type=float, default=float(env.get("PENWATCH_REFRESH_SECONDS", "2"))
+            "--stale-after",
+            default=env.get("PENWATCH_STALE_AFTER", str(thresholds.STALE_AFTER_SECONDS)),
         )
         args, _ = parser.parse_known_args([] if argv is None else argv)
-        if not (args.refresh > 0):
-            raise ValueError(f"dashboard: --refresh must be > 0 seconds, got {args.refresh!r}")
-        return cls(db=args.db, prometheus=args.prometheus, refresh_seconds=args.refresh)
+        return cls(
+            db=args.db,
+            prometheus=args.prometheus,
+            refresh_seconds=_seconds("--refresh / PENWATCH_REFRESH_SECONDS", args.refresh),
+            stale_after=_seconds("--stale-after / PENWATCH_STALE_AFTER", args.stale_after),
+        )
+
+
+def _seconds(option: str, raw: str | float) -> float:
+    """A finite number of seconds > 0 from an option's text."""
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"dashboard: option {option} must be a finite number of seconds > 0, got {raw!r}"
+        )
+    return value
 
 
 def make_source(config: Config) -> Source:
     """The source a config names."""
     if config.prometheus:
-        from dashboard.prom_source import PrometheusSource
-
-        return PrometheusSource(config.prometheus)
-    return SQLiteSource(config.db)
+        return PrometheusSource(config.prometheus, stale_after=config.stale_after)
+    return SQLiteSource(config.db, stale_after=config.stale_after)
 
 
 def session_source(state: MutableMapping[str, Any], config: Config) -> Source:
     """One source per session and config, kept across Streamlit reruns."""
-    key = f"penwatch-source:{config.prometheus or ''}:{config.db}"
+    key = f"penwatch-source:{config.prometheus or ''}:{config.db}:{config.stale_after:g}"
     if key not in state:
         state[key] = make_source(config)
     return state[key]
@@ -122,21 +153,35 @@ class _RunCache:
         self.last_event_id = 0
         self.reports: list[dict[str, Any]] = []
         self.nonfinite_seen = -1.0
+        self.settled: tuple[tuple[float, int | None, str], ...] | None = None
 
 
 class SQLiteSource:
     """Reads a penwatch SQLite store incrementally (read-only; never creates it).
 
+    A run that is not live (finished, stopped, failed, crashed) is read once more after
+    it ended and then left alone until its heartbeat, last step or status changes (a
+    resumed run).
+
     Args:
       path: the store file. A missing file is reported as :class:`SourceUnavailable`
         until it appears.
       max_buckets: most buckets per series drawn (longer runs use rollups).
+      stale_after: seconds without a heartbeat after which a ``running`` run reads as
+        ``crashed`` (passed to :class:`~penwatch.store.StoreReader`).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, max_buckets: int = store.MAX_BUCKETS):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_buckets: int = store.MAX_BUCKETS,
+        stale_after: float = thresholds.STALE_AFTER_SECONDS,
+    ) -> None:
         self.path = pathlib.Path(path)
         self.label = f"SQLite store {self.path}"
         self.max_buckets = max_buckets
+        self.stale_after = stale_after
         self._reader: store.StoreReader | None = None
         self._cache: dict[tuple[str, int | None], _RunCache] = {}
 
@@ -147,11 +192,11 @@ class SQLiteSource:
         if self._reader is None:
             if not self.path.exists():
                 raise SourceUnavailable(
-                    f"No penwatch store at `{self.path}` yet. Start a run that writes to it "
-                    f"(`penwatch demo --db {self.path}`, or `pw.sinks.SQLite({str(self.path)!r})`"
+                    f"No penwatch store at {self.path} yet. Start a run that writes to it "
+                    f"(penwatch demo --db {self.path}, or pw.sinks.SQLite({str(self.path)!r})"
                     " in your monitor); this page picks it up by itself."
                 )
-            self._reader = store.StoreReader(self.path)
+            self._reader = store.StoreReader(self.path, stale_after=self.stale_after)
         return self._reader
 
     def close(self) -> None:
@@ -163,10 +208,8 @@ class SQLiteSource:
         try:
             rows = self._open().runs()
         except store.StoreError as exc:
-            raise SourceUnavailable(
-                f"`{self.path}` is not a readable penwatch store: {exc}"
-            ) from exc
-        return _snapshot.group_runs(rows)
+            raise SourceUnavailable(f"{self.path} is not a readable penwatch store: {exc}") from exc
+        return _runs.group_runs(rows)
 
     def snapshot(self, run: str, process: int | None) -> Snapshot:
         reader = self._open()
@@ -177,7 +220,12 @@ class SQLiteSource:
         cache = self._cache.get((run, process))
         if cache is None or cache.run_ids != run_ids:
             cache = self._cache[(run, process)] = _RunCache(run_ids)
-        self._update(reader, cache)
+        # an ended run is read once more, then only when its heartbeat, steps or status move
+        ended = tuple((r.updated_at, r.last_step, r.status) for r in rows)
+        if cache.settled != ended:
+            self._update(reader, cache)
+            live = any(r.status == _runs.LIVE for r in rows)
+            cache.settled = None if live else ended
         return _snapshot.build(
             run=run,
             process=process,

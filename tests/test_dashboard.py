@@ -1,10 +1,16 @@
 """The Streamlit dashboard under streamlit.testing (AppTest), on stores written by the
-SQLite sink's writer: empty, missing, normal, NaN/Inf, multi-run, multi-process, large."""
+SQLite sink's writer: empty, missing, normal, NaN/Inf, multi-run, multi-process, large;
+run statuses (stopped, failed, crashed); user text that looks like Markdown or HTML."""
 
 from __future__ import annotations
 
+import html
 import json
+import math
 import pathlib
+import re
+import sqlite3
+import string
 import time
 
 import numpy as np
@@ -13,9 +19,11 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from dashboard import sources
+from dashboard._runs import RunChoice, combine_statuses, status_note
+from dashboard._text import md_escape
 from penwatch import store
-from penwatch.schema import Event, RunInfo, StepRecord
-from penwatch.store._synthetic import synthetic_run
+from penwatch.schema import Event, RunInfo, StepRecord, thresholds
+from penwatch.store._synthetic import synthetic_record, synthetic_run
 
 APP = str(pathlib.Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 TITLES = {
@@ -172,7 +180,7 @@ def test_normal_run_every_view(stores, monkeypatch):
     assert terms.set_index("term").loc["orthogonality", "status"] == "conflicting"
     warnings = " ".join(w.value for w in at.warning)
     assert "**l2** dominates" in warnings and "**orthogonality** conflicts" in warnings
-    assert "first offender `orthogonality`" in at.error[0].value
+    assert "first offender **orthogonality**" in at.error[0].value
     _, (events,) = charts["Non-finite events and alerts"]
     assert set(events["kind"]) == {"nonfinite", "alert"}
     assert "run **demo**" in at.caption[-1].value
@@ -202,9 +210,9 @@ def test_run_picker_switches_runs(stores, monkeypatch):
 def test_process_picker_and_all_processes_aggregate(stores, monkeypatch):
     at = _run(monkeypatch, stores["multiproc"])
     proc = at.selectbox(key="penwatch_process")
-    assert proc.options == ["all processes", "process 0", "process 1"]
+    assert proc.options == ["all processes", "process 0 · running", "process 1 · running"]
     assert _metrics(at)["Step"] == "199"  # the furthest process
-    at = proc.select("process 1").run()
+    at = proc.select(1).run()
     assert _metrics(at)["Step"] == "149" and "process 1" in at.caption[-1].value
 
 
@@ -232,7 +240,7 @@ def test_live_store_updates_incrementally(tmp_path, monkeypatch):
     w.flush()
     at = _run(monkeypatch, path)
     assert _metrics(at)["Step"] == "99"
-    source = at.session_state[f"penwatch-source::{path}"]
+    source = at.session_state[f"penwatch-source::{path}:{thresholds.STALE_AFTER_SECONDS:g}"]
     cache = source._cache[("live", None)]
     seen = cache.last_metric_id
     for r in synthetic_run("live", 50, start=100, nan_at=(120,)):
@@ -262,3 +270,298 @@ def test_config_from_args_and_env():
     assert (c.db, c.prometheus) == ("y.db", "http://p:9090")
     with pytest.raises(ValueError, match="--refresh"):
         sources.Config.from_env(["--refresh", "0"], env={})
+
+
+# --- run statuses and user text (SPEC section 11) --------------------------------------
+
+HOSTILE_RUN = "**bold** <b>tag</b> [a](http://e) # h"
+HOSTILE_PIPELINE = "<i>pipe</i> _u_"
+HOSTILE_PENALTY = "l1_[x](http://e)"
+HOSTILE_NAN = ":red[b] $m$ :smile:"
+HOSTILE_MESSAGE = "went $a$ and :red[b] <b>x</b> [c](http://e) `tick`"
+STALE_AFTER = 600.0
+"""The heartbeat limit the status tests give the dashboard (``PENWATCH_STALE_AFTER``)."""
+STATUS_RUNS = {  # run -> (stored status, heartbeat age in seconds)
+    HOSTILE_RUN: ("stopped", 2),
+    "live-run": ("running", 10),
+    "finished-run": ("finished", 30),
+    "failed-run": ("failed", 120),
+    "crashed-run": ("running", 3600),
+}
+
+
+def write_status_store(path: pathlib.Path) -> None:
+    """A store with a run in every status, the freshest one named like Markdown and HTML.
+
+    The stopped run has two pipelines (so pipeline names reach the labels), hostile
+    penalty names, a NaN at step 40 whose first offender is hostile, and events with a
+    hostile name and message. Statuses and heartbeats are set with raw SQL, as the
+    monitor would leave them (the writer may not write ``stopped``/``failed`` itself).
+    """
+    now = time.time()
+    w = store.StoreWriter(path, batch_size=5000, flush_interval=1e9)
+    for run in STATUS_RUNS:
+        w.open_run(RunInfo(run, 0, "1.0", "cpu", 1, now - 100))
+    for step in range(60):
+        wall = now - 100 + step
+        for pipeline, penalties in (
+            (HOSTILE_PIPELINE, (HOSTILE_PENALTY, "orthogonality")),
+            ("default", ("l2", HOSTILE_NAN)),
+        ):
+            w.add_step(
+                synthetic_record(
+                    HOSTILE_RUN,
+                    step,
+                    pipeline=pipeline,
+                    penalties=penalties,
+                    wall_time=wall,
+                    nan=step == 40 and pipeline == "default",
+                )
+            )
+        for run in list(STATUS_RUNS)[1:]:
+            w.add_step(synthetic_record(run, step, wall_time=wall))
+    w.add_event(
+        Event(
+            HOSTILE_RUN,
+            0,
+            40,
+            now - 60,
+            "nonfinite",
+            HOSTILE_NAN,
+            HOSTILE_MESSAGE,
+            severity="critical",
+            attributes={"metrics": [HOSTILE_NAN], "penalty": HOSTILE_NAN},
+        )
+    )
+    w.add_event(
+        Event(
+            HOSTILE_RUN,
+            0,
+            50,
+            now - 50,
+            "alert",
+            HOSTILE_PENALTY,
+            HOSTILE_MESSAGE,
+            attributes={"penalty": HOSTILE_PENALTY},
+        )
+    )
+    w.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    for run, (status, heartbeat_age) in STATUS_RUNS.items():
+        conn.execute(
+            "UPDATE runs SET status = ?, updated_at = ? WHERE name = ?",
+            (status, now - heartbeat_age, run),
+        )
+    conn.close()
+
+
+@pytest.fixture
+def status_store(tmp_path) -> pathlib.Path:
+    path = tmp_path / "statuses.db"
+    write_status_store(path)
+    return path
+
+
+def _status_app(monkeypatch, db) -> AppTest:
+    monkeypatch.setenv("PENWATCH_STALE_AFTER", str(STALE_AFTER))
+    return _run(monkeypatch, db)
+
+
+def _markdown_texts(at: AppTest) -> list[str]:
+    """The Markdown source of every element that renders Markdown."""
+    kinds = ("markdown", "caption", "info", "warning", "error", "success", "title", "subheader")
+    return [e.value for kind in kinds for e in at.get(kind)]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "**bold** __b__ *i* _i_",
+        "<b>tag</b> <script>alert(1)</script> &amp; &#60;",
+        "[link](http://x) ![img](http://x/i.png) <http://x> http://x www.x.com a@b.com",
+        "$x$ $$y$$ \\(z\\)",
+        ":red[x] :smile: :material/home: :blue-background[y]",
+        "# heading",
+        "- item",
+        "1. item",
+        "> quote",
+        "| a | b |",
+        "~~strike~~ `code` ```fence```",
+        "back\\slash \\*",
+        "    indented code",
+        "line one\n# two\n\n- three\r\n===\n",
+        "\n  leading\ttab\n\tand space",
+        "l1_[x](http://e)",
+        "émoji ✓ 日本",
+        "",
+    ],
+)
+def test_md_escape_renders_literally(text):
+    out = md_escape(text)
+    lines = text.replace("\r\n", "\n").split("\n")
+    while len(lines) > 1 and not lines[-1]:
+        lines.pop()  # trailing line breaks are invisible anyway
+    # every ASCII punctuation character of the text is escaped, one line per line
+    escaped = out.split("\\\n")
+    assert len(escaped) == len(lines)
+    for line, original in zip(escaped, lines, strict=True):
+        line = re.sub(r"^&#(32|9);", lambda m: chr(int(m.group(1))), line)
+        plain, i = [], 0
+        while i < len(line):
+            if line[i] == "\\":
+                assert line[i + 1] in string.punctuation, line
+                i += 1
+            else:
+                assert line[i] not in string.punctuation, line
+            plain.append(line[i])
+            i += 1
+        assert "".join(plain) == original
+    # a CommonMark renderer gives back exactly the text: one paragraph, no markup
+    markdown_it = pytest.importorskip("markdown_it")
+    rendered = markdown_it.MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(out)
+    if not text:
+        assert rendered == ""
+        return
+    inner = re.fullmatch(r"<p>(.*)</p>\n", rendered, re.S)
+    assert inner, rendered
+    assert set(re.findall(r"<(/?\w+)", inner.group(1))) <= {"br"}, rendered
+    shown = [html.unescape(x) for x in inner.group(1).split("<br />\n")]
+    assert shown == lines, rendered
+
+
+def test_combine_statuses():
+    assert combine_statuses(["finished", "running", "crashed"]) == "running"
+    assert combine_statuses(["finished", "stopped"]) == "stopped"
+    assert combine_statuses(["stopped", "failed", "finished"]) == "failed"
+    assert combine_statuses(["failed", "crashed"]) == "crashed"
+    assert combine_statuses(["idle"]) == "idle"
+    assert combine_statuses([]) == "unknown"
+
+
+def test_status_note_says_what_each_status_means():
+    now = 1e9
+
+    def note(status, process=None, **kw):
+        choice = RunChoice(HOSTILE_RUN, (0,), status, 10, now - 300, (status,), (now - 300,))
+        return status_note(choice, process, stale_after=60, now=now, **kw)
+
+    assert note("running") is None
+    level, text = note("crashed")
+    assert level == "error" and "crashed" in text and "5 min ago" in text and "60 s" in text
+    assert f"**{md_escape(HOSTILE_RUN)}**" in text and HOSTILE_RUN not in text
+    assert note("stopped")[0] == "warning" and "was stopped 5 min ago" in note("stopped")[1]
+    assert note("failed")[0] == "error" and "failed" in note("failed")[1]
+    assert note("finished")[0] == "info" and "not live" in note("finished")[1]
+    assert "Prometheus cannot tell" in note("idle")[1]
+    assert note("something-new") is None  # an unknown status is no crash
+    # a live multi-process run with an ended process says which one
+    choice = RunChoice("mp", (0, 1), "running", 10, now, ("running", "crashed"), (now, now - 120))
+    level, text = status_note(choice, None, stale_after=60, now=now)
+    assert level == "warning" and "process 1 crashed (2 min ago)" in text
+    assert status_note(choice, 0, stale_after=60, now=now) is None
+    level, text = status_note(choice, 1, stale_after=60, now=now)
+    assert level == "error" and "(process 1) crashed" in text
+    # an ended multi-process run: the most alarming status, its own process's age
+    choice = RunChoice("mp", (0, 1), "crashed", 10, now, ("finished", "crashed"), (now, now - 600))
+    level, text = status_note(choice, None, stale_after=60, now=now)
+    assert level == "error" and "heartbeat was 10 min ago" in text
+    assert text.endswith("Processes: 0 finished, 1 crashed.")
+
+
+def test_picker_lists_statuses_and_the_page_says_when_a_run_is_not_live(status_store, monkeypatch):
+    at = _status_app(monkeypatch, status_store)
+    picker = at.selectbox(key="penwatch_run")
+    assert picker.value == HOSTILE_RUN  # the most recently updated
+    shown = {label.split(" · ")[-2] for label in picker.options}
+    assert shown == {"stopped", "running", "finished", "failed", "crashed"}
+    assert f"{HOSTILE_RUN} · stopped · step 59" in picker.options  # plain text, as typed
+    assert "crashed-run · crashed · step 59" in picker.options
+    expected = {
+        HOSTILE_RUN: ("warning", "was stopped"),
+        "finished-run": ("info", "finished"),
+        "failed-run": ("error", "failed"),
+        "crashed-run": ("error", "crashed: it is still marked running"),
+    }
+    for run, (level, words) in expected.items():
+        at = picker.select(run).run()
+        assert not at.exception, at.exception
+        assert any(words in e.value for e in at.get(level)), (run, _markdown_texts(at))
+        assert "(not live)" in at.caption[-1].value
+        picker = at.selectbox(key="penwatch_run")
+    at = picker.select("live-run").run()
+    assert "(live)" in at.caption[-1].value
+    banners = [e.value for level in ("info", "warning", "error") for e in at.get(level)]
+    assert not any(b.startswith("Run ") for b in banners), banners  # no status note
+
+
+def test_user_text_is_escaped_in_markdown_and_kept_in_data(status_store, monkeypatch):
+    at = _status_app(monkeypatch, status_store)
+    texts = _markdown_texts(at)
+    hostile = (HOSTILE_RUN, HOSTILE_PIPELINE, HOSTILE_PENALTY, HOSTILE_NAN, HOSTILE_MESSAGE)
+    for text in texts:  # never a raw user string inside Markdown
+        for h in hostile:
+            assert h not in text, (h, text)
+    joined = "\n".join(texts)
+    assert f"run **{md_escape(HOSTILE_RUN)}**" in at.caption[-1].value
+    assert f"first offender **{md_escape(HOSTILE_NAN)}**" in joined
+    conflict = md_escape(f"{HOSTILE_PIPELINE}/orthogonality")
+    assert f"**{conflict}** conflicts with the task loss" in joined
+    assert "was stopped" in joined
+    # charts and tables get the names as data, unescaped
+    charts = _charts(at)
+    _, (contributions,) = charts["Weighted penalty contributions (stacked)"]
+    assert f"{HOSTILE_PIPELINE}/{HOSTILE_PENALTY}" in set(contributions["penalty"])
+    assert f"default/{HOSTILE_NAN}" in set(contributions["penalty"])
+    _, (events,) = charts["Non-finite events and alerts"]
+    assert set(events["message"]) == {HOSTILE_MESSAGE}
+    assert {HOSTILE_NAN, HOSTILE_PENALTY} == set(events["name"])
+    tables = [d.value for d in at.dataframe]
+    assert any(HOSTILE_MESSAGE in set(t.get("message", [])) for t in tables)
+
+
+def test_ended_run_is_read_once_then_left_alone(status_store, monkeypatch):
+    source = sources.SQLiteSource(status_store, stale_after=STALE_AFTER)
+    calls = []
+    original = store.StoreReader.steps
+    monkeypatch.setattr(
+        store.StoreReader,
+        "steps",
+        lambda self, *a, **k: calls.append(1) or original(self, *a, **k),
+    )
+    assert source.snapshot("failed-run", None).headline.step == 59
+    assert source.snapshot("failed-run", None).headline.step == 59
+    assert len(calls) == 1  # ended: nothing new can come
+    source.snapshot("live-run", None)
+    source.snapshot("live-run", None)
+    assert len(calls) == 3  # live: polled every time
+    # the run is resumed (status and heartbeat move): read again, new steps included
+    w = store.StoreWriter(status_store, flush_interval=1e9)
+    w.open_run(RunInfo("failed-run", 0, "1.0", "cpu", 1, time.time()))
+    for r in synthetic_run("failed-run", 5, start=60):
+        w.add_step(r)
+    w.close()
+    snap = source.snapshot("failed-run", None)
+    assert len(calls) == 4 and snap.headline.step == 64 and snap.headline.live
+
+
+def test_stale_after_from_args_and_env():
+    default = sources.Config.from_env([], env={})
+    assert default.stale_after == thresholds.STALE_AFTER_SECONDS
+    assert sources.Config.from_env([], env={"PENWATCH_STALE_AFTER": "5"}).stale_after == 5.0
+    c = sources.Config.from_env(["--stale-after", "7.5"], env={"PENWATCH_STALE_AFTER": "5"})
+    assert c.stale_after == 7.5
+    for bad in ("0", "-1", "inf", "nan", "soon"):
+        with pytest.raises(ValueError, match=r"PENWATCH_STALE_AFTER must be a finite") as info:
+            sources.Config.from_env([], env={"PENWATCH_STALE_AFTER": bad})
+        assert repr(bad) in str(info.value)
+    with pytest.raises(ValueError, match=r"--refresh / PENWATCH_REFRESH_SECONDS.*'x'"):
+        sources.Config.from_env(["--refresh", "x"], env={})
+    assert math.isclose(sources.make_source(c).stale_after, 7.5)
+
+
+def test_bad_stale_after_is_a_message_on_the_page(monkeypatch, tmp_path):
+    monkeypatch.setenv("PENWATCH_STALE_AFTER", "<b>soon</b>")
+    at = _run(monkeypatch, tmp_path / "x.db")
+    (error,) = at.error
+    assert md_escape("PENWATCH_STALE_AFTER") in error.value
+    assert md_escape("'<b>soon</b>'") in error.value

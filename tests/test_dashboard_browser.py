@@ -1,11 +1,17 @@
-"""A real headless Chromium loads the running dashboard during a live training run.
+"""A real headless Chromium loads the running dashboard.
 
-The live writer is ``penwatch demo --no-dashboard`` (E's CLI: a real instrumented JAX
-training run writing the SQLite store through the monitor). Chromium is Debian's
-``/usr/bin/chromium`` driven by Playwright; the test checks that the numbers and charts
-appear and that the step number increases between two reads, and takes a screenshot
-(copied to ``docs/dashboard.png`` when ``PENWATCH_UPDATE_SCREENSHOT=1``). Without
-Chromium it FAILS when ``CI=true`` and skips loudly otherwise.
+During a live training run: the live writer is ``penwatch demo --no-dashboard`` (E's
+CLI: a real instrumented JAX training run writing the SQLite store through the monitor).
+Chromium is Debian's ``/usr/bin/chromium`` driven by Playwright; the test checks that the
+numbers and charts appear and that the step number increases between two reads, and
+takes a screenshot (copied to ``docs/dashboard.png`` when ``PENWATCH_UPDATE_SCREENSHOT=1``).
+
+On a store with a run in every status whose names look like Markdown and HTML: the
+rendered page shows those names literally (no bold, tag, link, math, coloured text or
+emoji made from them), the picker lists every status, and the page says when the
+selected run is stopped or crashed.
+
+Without Chromium it FAILS when ``CI=true`` and skips loudly otherwise.
 """
 
 from __future__ import annotations
@@ -21,6 +27,15 @@ import sys
 import time
 
 import pytest
+from test_dashboard import (
+    HOSTILE_MESSAGE,
+    HOSTILE_NAN,
+    HOSTILE_PENALTY,
+    HOSTILE_PIPELINE,
+    HOSTILE_RUN,
+    STALE_AFTER,
+    write_status_store,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -70,6 +85,47 @@ def _stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def _start_app(env: dict[str, str], log) -> tuple[subprocess.Popen, int]:
+    """``streamlit run dashboard/app.py`` on a free local port (its own process group)."""
+    port = _free_port()
+    app = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            str(ROOT / "dashboard" / "app.py"),
+            "--server.headless",
+            "true",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return app, port
+
+
+def _open(page, app: subprocess.Popen, port: int, log: pathlib.Path) -> None:
+    """Load the page once the server answers (at most a minute)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            page.goto(f"http://127.0.0.1:{port}/", timeout=10_000)
+            return
+        except Exception:
+            assert app.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the dashboard never answered"
+            time.sleep(0.3)
 
 
 def _step(page) -> int:
@@ -124,42 +180,12 @@ def test_live_dashboard_in_chromium(tmp_path):
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    port = _free_port()
-    app = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            str(ROOT / "dashboard" / "app.py"),
-            "--server.headless",
-            "true",
-            "--server.port",
-            str(port),
-            "--server.address",
-            "127.0.0.1",
-            "--browser.gatherUsageStats",
-            "false",
-        ],
-        env=env,
-        cwd=ROOT,
-        stdout=logs["app"],
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    app, port = _start_app(env, logs["app"])
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             page = browser.new_page(viewport={"width": 1500, "height": 2350})
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    page.goto(f"http://127.0.0.1:{port}/", timeout=10_000)
-                    break
-                except Exception:
-                    assert app.poll() is None, (tmp_path / "app.log").read_text()
-                    assert time.monotonic() < deadline, "the dashboard never answered"
-                    time.sleep(0.3)
+            _open(page, app, port, tmp_path / "app.log")
             # numbers appear once the demo has written its first steps
             page.wait_for_selector("[data-testid='stMetricValue']", timeout=90_000)
             headline = [
@@ -215,3 +241,95 @@ def test_live_dashboard_in_chromium(tmp_path):
         _stop(app)
         for f in logs.values():
             f.close()
+
+
+def _wait_for_text(page, text: str, *, timeout: float = 60) -> str:
+    """The page's text once it contains ``text`` (the page renders progressively)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body = page.inner_text("body")
+        if text in body:
+            return body
+        assert time.monotonic() < deadline, f"{text!r} never appeared; the page says:\n{body}"
+        page.wait_for_timeout(300)
+
+
+def _picker_options(page) -> list[str]:
+    """Open the run picker and read its options (plain text), leaving it open."""
+    page.locator("[data-testid='stSelectbox']").first.click()
+    options = page.locator("[role='option']")
+    options.first.wait_for(timeout=10_000)
+    return options.all_inner_texts()
+
+
+def test_statuses_and_user_text_in_chromium(tmp_path):
+    sync_playwright = _require_browser()
+    db = tmp_path / "statuses.db"
+    write_status_store(db)
+    env = dict(
+        os.environ,
+        PENWATCH_DB=str(db),
+        PENWATCH_REFRESH_SECONDS="2",
+        PENWATCH_STALE_AFTER=str(STALE_AFTER),
+    )
+    log = open(tmp_path / "app.log", "w")  # noqa: SIM115
+    app, port = _start_app(env, log)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1500, "height": 3000})
+            _open(page, app, port, tmp_path / "app.log")
+            # the freshest run is selected: stopped, with names that look like markup
+            body = _wait_for_text(page, "was stopped")
+            body = _wait_for_text(page, "first offender")
+            literal = [
+                f"Run {HOSTILE_RUN} was stopped",  # the status banner
+                f"run {HOSTILE_RUN} · all processes · status stopped (not live)",  # caption
+                f"{HOSTILE_PIPELINE}/orthogonality conflicts with the task loss",
+                f"first offender {HOSTILE_NAN} (nan)",
+            ]
+            for text in literal:
+                assert text in body, (text, body)
+            # nothing was made from the names: no tag, link, heading, math, colour, emoji
+            main = page.locator("[data-testid='stMain']")
+            for selector in ("b", "i", "script", "a[href^='http']", ".katex"):
+                assert main.locator(selector).count() == 0, selector
+            for tag in ("strong", "em", "h1", "h2", "h3", "h4", "h5", "h6"):
+                texts = main.locator(tag).all_inner_texts()
+                assert not {"bold", "h", "u", "tag", "pipe", "b"} & set(texts), (tag, texts)
+            assert "😄" not in body and "<b>tag</b>" in body and ":red[b] $m$ :smile:" in body
+            colored = main.locator("[data-testid='stAlert'] span[style*='color']")
+            assert colored.count() == 0, colored.all_inner_texts()
+            # table cells hold the names and the event message as typed
+            frames = page.locator("[data-testid='stDataFrame']")
+            frames.last.scroll_into_view_if_needed()
+            deadline = time.monotonic() + 30
+            while True:
+                cells = frames.last.locator("[role='gridcell']").all_inner_texts()
+                if HOSTILE_MESSAGE in cells:
+                    break
+                assert time.monotonic() < deadline, cells
+                page.wait_for_timeout(300)
+            assert {HOSTILE_NAN, HOSTILE_PENALTY} <= set(cells)
+            # the picker lists every run with its status, names as typed
+            options = _picker_options(page)
+            for option in (
+                f"{HOSTILE_RUN} · stopped · step 59",
+                "live-run · running · step 59",
+                "finished-run · finished · step 59",
+                "failed-run · failed · step 59",
+                "crashed-run · crashed · step 59",
+            ):
+                assert option in options, (option, options)
+            # a crashed run says so
+            page.locator("[role='option']", has_text="crashed-run").click()
+            body = _wait_for_text(page, "crashed: it is still marked running")
+            assert "run crashed-run · all processes · status crashed (not live)" in body
+            assert f"limit {STALE_AFTER:g} s" in body
+            assert "Traceback" not in body
+            page.screenshot(path=str(tmp_path / "statuses.png"), full_page=True)
+            browser.close()
+        print(f"statuses and user text checked; screenshot {tmp_path / 'statuses.png'}")
+    finally:
+        _stop(app)
+        log.close()

@@ -192,3 +192,17 @@ def test_unreachable_prometheus_is_a_friendly_message(monkeypatch):
     monkeypatch.setenv("PENWATCH_PROMETHEUS_URL", "http://127.0.0.1:9")
     at = AppTest.from_file(APP, default_timeout=60).run()
     assert not at.exception and "not answering" in at.info[0].value
+
+
+def test_a_run_without_recent_steps_is_idle_not_crashed(prometheus, monkeypatch):
+    # Prometheus keeps no run status: past the heartbeat limit a run is "idle"
+    url, _ = prometheus
+    (run,) = PrometheusSource(url, lookback=900, max_points=300, stale_after=1e-6).runs()
+    assert run.status == "idle" and not run.live and run.process_statuses == ()
+    monkeypatch.setenv("PENWATCH_PROMETHEUS_URL", url)
+    monkeypatch.setenv("PENWATCH_STALE_AFTER", "0.000001")
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception, at.exception
+    assert any("Prometheus cannot tell" in i.value for i in at.info)
+    assert "status **idle** (not live)" in at.caption[-1].value
+    assert {m.label: m.value for m in at.metric}["Total penalty"] == "0.45"

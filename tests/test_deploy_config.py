@@ -15,6 +15,8 @@ import pytest
 import yaml
 from _deploy_stack import ALERTMANAGER_CONFIG, DEPLOY, PROMETHEUS_DIR, REPO, require_binary
 
+from penwatch.schema import thresholds
+
 COMPOSE_FILE = REPO / "docker-compose.yml"
 STACK = {"trainer", "prometheus", "alertmanager", "otel-collector", "jaeger", "dashboard"}
 REQUIRED_ALERTS = {
@@ -147,6 +149,48 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test():
     rules = set(_alert_rules())
     assert rules <= firing, rules - firing
     assert rules <= quiet, rules - quiet
+
+
+# The rules repeat penwatch.schema.thresholds in PromQL: (alert, metric, comparison, name).
+RULE_THRESHOLDS = [
+    ("PenwatchGradientDominance", "penwatch_penalty_grad_share", ">", "DOMINANCE_SHARE"),
+    ("PenwatchGradientConflict", "penwatch_penalty_grad_cosine", "<", "CONFLICT_COSINE"),
+    ("PenwatchLossSpike", None, ">", "SPIKE_ZSCORE"),
+]
+_NUMBER = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
+
+
+def _rule_threshold(expr: str, metric: str | None, op: str) -> float:
+    """The number a rule compares with: ``metric{...} OP N``, or the last ``OP N``."""
+    expr = " ".join(expr.split())
+    if metric is not None:
+        found = re.findall(
+            re.escape(metric) + r"(?:\{[^}]*\})?\s*" + re.escape(op) + r"\s*" + _NUMBER, expr
+        )
+    else:
+        found = re.findall(r"\)\s*" + re.escape(op) + r"\s*" + _NUMBER + r"\s*$", expr)
+    assert len(found) == 1, f"cannot find one '{op} N' comparison in {expr!r}"
+    return float(found[0])
+
+
+@pytest.mark.parametrize(("alert", "metric", "op", "name"), RULE_THRESHOLDS)
+def test_alert_rules_use_the_shared_thresholds(alert, metric, op, name):
+    rule = _alert_rules()[alert]
+    in_rule = _rule_threshold(rule["expr"], metric, op)
+    shared = getattr(thresholds, name)
+    assert in_rule == shared, (
+        f"deploy/prometheus/alerts.yml rule {alert} compares with {in_rule:g}, but "
+        f"penwatch.schema.thresholds.{name} is {shared:g}: change one to match the other"
+    )
+
+
+def test_rule_threshold_parser_sees_a_changed_number():
+    rule = _alert_rules()["PenwatchGradientDominance"]
+    changed = rule["expr"].replace(f"> {thresholds.DOMINANCE_SHARE:g}", "> 0.7")
+    assert changed != rule["expr"]
+    assert _rule_threshold(changed, "penwatch_penalty_grad_share", ">") == 0.7
+    with pytest.raises(AssertionError, match="cannot find"):
+        _rule_threshold("penwatch_penalty_grad_share > bool 1", "penwatch_penalty_grad_share", "<")
 
 
 # --- cross-file consistency ------------------------------------------------------------

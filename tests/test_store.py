@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from penwatch import store
-from penwatch.schema import Event, RunInfo
+from penwatch.schema import Event, RunInfo, thresholds
 from penwatch.store._synthetic import synthetic_record, synthetic_run
 
 
@@ -218,3 +218,64 @@ def test_choose_width_and_validation():
         store.StoreWriter("x.db", batch_size=0)
     with pytest.raises(ValueError, match=r"StoreReader\.rollup: width"):
         store.StoreReader.rollup(None, 1, width=3)  # type: ignore[arg-type]
+
+
+# --- run statuses: the reader's `crashed` verdict (SPEC section 11) -------------------
+
+
+def _set_run(path, run: str, **columns) -> None:
+    """Set ``runs`` columns of one run with raw SQL (as another writer would)."""
+    sets = ", ".join(f"{k} = ?" for k in columns)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"UPDATE runs SET {sets} WHERE name = ?", (*columns.values(), run))
+    conn.close()
+
+
+def test_stale_running_run_reads_as_crashed(tmp_path):
+    path = tmp_path / "s.db"
+    w = store.StoreWriter(path)
+    for run in ("fresh", "stale", "done"):
+        w.open_run(_info(run))
+    w.finish_run("done", 0)
+    w.flush()
+    now = time.time()
+    _set_run(path, "fresh", updated_at=now - 5)
+    _set_run(path, "stale", updated_at=now - 30)
+    _set_run(path, "done", updated_at=now - 3600)
+    status = {r.name: r.status for r in store.StoreReader(path, stale_after=10).runs(now=now)}
+    assert status == {"fresh": "running", "stale": "crashed", "done": "finished"}
+    # the limit is the reader's: a more patient reader still sees both running
+    patient = store.StoreReader(path, stale_after=60).runs(now=now)
+    assert {r.name: r.status for r in patient}["stale"] == "running"
+    # the default limit is the shared threshold
+    default = store.StoreReader(path)
+    assert default.stale_after == thresholds.STALE_AFTER_SECONDS
+    _set_run(path, "stale", updated_at=now - thresholds.STALE_AFTER_SECONDS - 1)
+    assert {r.name: r.status for r in default.runs(now=now)}["stale"] == "crashed"
+    # a heartbeat brings it back: the verdict is never written
+    _set_run(path, "stale", updated_at=now)
+    assert {r.name: r.status for r in default.runs(now=now)}["stale"] == "running"
+    conn = sqlite3.connect(path)
+    stored = dict(conn.execute("SELECT name, status FROM runs").fetchall())
+    assert stored == {"fresh": "running", "stale": "running", "done": "finished"}
+    w.close()
+
+
+@pytest.mark.parametrize("status", ["stopped", "failed", "finished"])
+def test_ended_statuses_pass_through_however_old(tmp_path, status):
+    path = tmp_path / "s.db"
+    _write(path, [synthetic_record("r", 0)])
+    _set_run(path, "r", status=status, updated_at=time.time() - 10**6)
+    (run,) = store.StoreReader(path, stale_after=1).runs()
+    assert run.status == status and run.last_step == 0
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.inf, math.nan, "60", None, True])
+def test_stale_after_is_validated(tmp_path, bad):
+    path = tmp_path / "s.db"
+    path.touch()
+    with pytest.raises(ValueError) as info:
+        store.StoreReader(path, stale_after=bad)
+    message = str(info.value)
+    assert "StoreReader" in message and "'stale_after'" in message
+    assert "> 0" in message and repr(bad) in message

@@ -4,6 +4,10 @@ Every ``since_id`` argument returns only rows newer than the caller has seen (``
 since_id``), so a reader that polls a growing store reads each row once. Long ranges come
 from the writer's ``rollups`` (:meth:`StoreReader.rollup`): pass the last bucket you hold
 to re-read only that bucket (it may have grown) and the ones after it.
+
+Run statuses are read as stored, with one verdict of the reader's own: a run stored as
+``running`` whose heartbeat (``runs.updated_at``) is older than ``stale_after`` seconds
+reads as ``crashed`` (its process died without closing the monitor; SPEC section 11).
 """
 
 from __future__ import annotations
@@ -12,18 +16,26 @@ import dataclasses
 import json
 import os
 import pathlib
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
+from penwatch._checks import check_positive
+from penwatch.schema import thresholds
 from penwatch.store._downsample import BUCKET_DTYPE
 from penwatch.store._schema import ROLLUP_WIDTHS, reader_connection, schema_version
 
 
 @dataclasses.dataclass(frozen=True)
 class RunRow:
-    """One run of one process, as stored."""
+    """One run of one process, as stored; ``status`` is the reader's verdict.
+
+    ``status`` is one of :data:`penwatch.schema.RUN_STATUSES`: the stored status, except
+    that a ``running`` run without a heartbeat for longer than the reader's
+    ``stale_after`` reads as ``crashed``.
+    """
 
     id: int
     name: str
@@ -84,9 +96,20 @@ class StoreReader:
     Args:
       path: the store file. It must exist (:class:`FileNotFoundError` otherwise); an
         existing file without tables yet reads as an empty store.
+      busy_timeout: seconds to wait on a lock held by the writer.
+      stale_after: seconds without a heartbeat after which a run stored as ``running``
+        reads as ``crashed`` (a finite number > 0; the writer refreshes the heartbeat
+        every :data:`~penwatch.schema.thresholds.HEARTBEAT_SECONDS`).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 2.0,
+        stale_after: float = thresholds.STALE_AFTER_SECONDS,
+    ) -> None:
+        self.stale_after = check_positive("penwatch.store.StoreReader", "stale_after", stale_after)
         self.path = pathlib.Path(path)
         self._conn = reader_connection(self.path, busy_timeout=busy_timeout)
         self._ready = False
@@ -113,13 +136,26 @@ class StoreReader:
             return []
         return self._conn.execute(sql, tuple(params)).fetchall()
 
-    def runs(self) -> list[RunRow]:
-        """All runs, most recently updated first."""
+    def runs(self, *, now: float | None = None) -> list[RunRow]:
+        """All runs, most recently updated first, with the ``crashed`` verdict applied.
+
+        Args:
+          now: the Unix time heartbeats are judged against (default: the current time).
+        """
+        now = time.time() if now is None else now
         rows = self._query(
             "SELECT id, name, process, status, started_at, updated_at, finished_at, last_step,"
             " version, backend, devices, config FROM runs ORDER BY updated_at DESC, name, process"
         )
-        return [RunRow(*r[:-1], config=json.loads(r[-1]) if r[-1] else {}) for r in rows]
+        return [
+            RunRow(
+                *r[:3],
+                verdict(r[3], r[5], now=now, stale_after=self.stale_after),
+                *r[4:-1],
+                config=json.loads(r[-1]) if r[-1] else {},
+            )
+            for r in rows
+        ]
 
     def series(self, run_ids: Iterable[int], *, since_id: int = 0) -> list[SeriesRow]:
         """Series of the given runs with ``id > since_id``."""
@@ -266,6 +302,20 @@ class StoreReader:
                 out.append((step, pipeline, {}))
             out[-1][2][key] = float("nan") if value is None else value
         return out
+
+
+def verdict(status: str, updated_at: float, *, now: float, stale_after: float) -> str:
+    """The status a reader reports: ``crashed`` for a ``running`` run with a stale heartbeat.
+
+    Args:
+      status: the stored status (``running``, ``finished``, ``stopped``, ``failed``).
+      updated_at: the run's last heartbeat (Unix time).
+      now: the time to judge against.
+      stale_after: seconds without a heartbeat after which ``running`` means ``crashed``.
+    """
+    if status == "running" and now - updated_at > stale_after:
+        return "crashed"
+    return status
 
 
 def _ids(run_ids: Iterable[int] | Mapping[int, Any]) -> str:
