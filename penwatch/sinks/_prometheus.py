@@ -17,16 +17,16 @@ from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 from penwatch import _checks
-from penwatch.schema import Event, RunInfo, RunStatus, StepRecord
+from penwatch.schema import Event, Layout, RunInfo, RunStatus, StepRecord
 from penwatch.sinks._base import Sink
 
 __all__ = ["DURATION_BUCKETS", "METRICS", "Prometheus"]
 
 logger = logging.getLogger("penwatch.sinks")
 _FN = "penwatch.sinks.Prometheus"
-_MAX_PLANS = 64  # cached gauge plans (layouts of metric keys) before starting over
 
 _RUN = ("run", "process")
 _PEN = (*_RUN, "pipeline", "penalty")
@@ -84,6 +84,18 @@ DURATION_BUCKETS: tuple[float, ...] = (
 """Histogram buckets (seconds) of ``penwatch_pipeline_compute_duration_seconds``."""
 
 _DROP_REASONS = ("queue_full", "materialize_error", "invalid", "close_timeout")
+_LATEST_GAUGES = (
+    "penwatch_step",
+    "penwatch_last_step_timestamp_seconds",
+    "penwatch_loss",
+    "penwatch_penalty_value",
+    "penwatch_penalty_weighted_value",
+    "penwatch_penalty_weight",
+    "penwatch_pipeline_value",
+    "penwatch_penalty_grad_norm",
+    "penwatch_penalty_grad_share",
+    "penwatch_penalty_grad_cosine",
+)
 _PENALTY_GAUGES = {
     "value": "penwatch_penalty_value",
     "weighted": "penwatch_penalty_weighted_value",
@@ -143,8 +155,7 @@ class Prometheus(Sink):
         self.buckets = tuple(buckets)
         self._metrics: dict[str, Any] | None = None
         self._children: dict[tuple[Any, ...], Any] = {}
-        # (gauge child, metric key) pairs per pipeline and layout of a record's keys
-        self._plans: dict[tuple[Any, ...], tuple[tuple[Any, str], ...]] = {}
+        self._latest = _Latest()
         self._server: Any = None
         self._info: RunInfo | None = None
         self._base: tuple[str, str] = ("", "0")
@@ -166,6 +177,7 @@ class Prometheus(Sink):
     def open(self, info: RunInfo) -> None:
         if self._metrics is None:
             self._info, self._base = info, (info.run, str(info.process))
+            self._latest.base = self._base
             self._metrics = self._create()
             self._metrics["penwatch_run_info"].labels(
                 *self._base, info.version, info.backend, str(info.devices)
@@ -189,7 +201,10 @@ class Prometheus(Sink):
     def _create(self) -> dict[str, Any]:
         types = {"gauge": Gauge, "counter": Counter}
         out = {}
+        self.registry.register(self._latest)
         for name, (kind, labels, doc) in METRICS.items():
+            if name in _LATEST_GAUGES:
+                continue  # served at scrape time from the latest values (_Latest)
             if kind == "histogram":
                 out[name] = Histogram(
                     name, doc, labels, registry=self.registry, buckets=self.buckets
@@ -209,20 +224,8 @@ class Prometheus(Sink):
     def write_step(self, record: StepRecord) -> None:
         if self._metrics is None:
             raise RuntimeError(f"{_FN}: write_step before open")
-        base, values, child = self._base, record.values, self._child
-        child("penwatch_step", *base).set(record.step)
-        child("penwatch_last_step_timestamp_seconds", *base).set(record.wall_time)
-        if record.loss is not None:
-            child("penwatch_loss", *base).set(record.loss)
-        layout = (record.pipeline, record.layout)
-        plan = self._plans.get(layout)
-        if plan is None:
-            if len(self._plans) >= _MAX_PLANS:
-                self._plans.clear()
-            plan = self._plans[layout] = self._gauge_plan(record)
-        for gauge, key in plan:
-            gauge.set(values[key])
-        pipe = record.pipeline
+        base, child, pipe = self._base, self._child, record.pipeline
+        self._latest.update(record)
         for nf in record.nonfinite:
             child("penwatch_nonfinite_total", *base, nf.kind, nf.key).inc()
         if record.duration_seconds is not None:
@@ -237,24 +240,6 @@ class Prometheus(Sink):
             if delta > 0:
                 child("penwatch_telemetry_dropped_total", *base, reason).inc(delta)
                 self._dropped_seen[reason] = count
-
-    def _gauge_plan(self, record: StepRecord) -> tuple[tuple[Any, str], ...]:
-        """(gauge child, metric key) pairs for the per-penalty and per-term gauges."""
-        base, child, pipe = self._base, self._child, record.pipeline
-        plan: list[tuple[Any, str]] = []
-        for slot in record.layout.slots:
-            labels = (*base, pipe, slot.name)
-            if slot.scope == "penalty" and slot.quantity in _PENALTY_GAUGES:
-                plan.append((child(_PENALTY_GAUGES[slot.quantity], *labels), slot.key))
-            elif slot.scope == "penalty" and slot.quantity == "grad_norm":
-                plan.append((child("penwatch_penalty_grad_norm", *labels, "input"), slot.key))
-            elif slot.scope == "term" and slot.quantity == "param_grad_norm":
-                plan.append((child("penwatch_penalty_grad_norm", *labels, "params"), slot.key))
-            elif slot.scope == "term" and slot.quantity in _TERM_GAUGES:
-                plan.append((child(_TERM_GAUGES[slot.quantity], *labels), slot.key))
-            elif slot.key == "total":
-                plan.append((child("penwatch_pipeline_value", *base, pipe), slot.key))
-        return tuple(plan)
 
     def write_event(self, event: Event) -> None:
         if self._metrics is None or event.kind not in ("alert", "nonfinite"):
@@ -293,3 +278,79 @@ class Prometheus(Sink):
 def _stop_server(server: Any) -> None:
     server.shutdown()
     server.server_close()
+
+
+class _Latest:
+    """The gauges of SPEC section 6, served at scrape time from the latest values.
+
+    Writing a record only merges its values into one dict per pipeline (a C-level
+    ``dict.update``) instead of setting one gauge child per metric; a scrape turns them
+    into metric families. A value keeps its last reading until a record carries it
+    again, as a gauge would (diagnostics keys appear only every few steps).
+    """
+
+    def __init__(self) -> None:
+        self.base: tuple[str, str] = ("", "0")
+        self._lock = threading.Lock()
+        self._run: dict[str, float] = {}
+        self._values: dict[str, dict[str, float]] = {}
+        # per pipeline: (metric name, extra labels, key) of every gauge seen, per layout
+        self._plans: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {}
+        self._seen: dict[str, set[Layout]] = {}
+
+    def update(self, record: StepRecord) -> None:
+        pipe = record.pipeline
+        with self._lock:
+            self._run["penwatch_step"] = record.step
+            self._run["penwatch_last_step_timestamp_seconds"] = record.wall_time
+            if record.loss is not None:
+                self._run["penwatch_loss"] = record.loss
+            values = self._values.get(pipe)
+            if values is None:
+                values = self._values[pipe] = {}
+                self._plans[pipe], self._seen[pipe] = {}, set()
+            values.update(record.values)
+            seen = self._seen[pipe]
+            if record.layout not in seen:
+                if len(seen) >= 256:  # keys that change every step: forget, merge again
+                    seen.clear()
+                seen.add(record.layout)
+                self._plans[pipe].update(_gauge_plan(record.layout))
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(name, METRICS[name][2]) for name in _LATEST_GAUGES]
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        with self._lock:
+            run = dict(self._run)
+            values = {p: dict(v) for p, v in self._values.items()}
+            plans = {p: dict(v) for p, v in self._plans.items()}
+        families = {
+            name: GaugeMetricFamily(name, METRICS[name][2], labels=list(METRICS[name][1]))
+            for name in _LATEST_GAUGES
+        }
+        for name, value in run.items():
+            families[name].add_metric(self.base, value)
+        for pipe, plan in plans.items():
+            for key, (name, labels) in plan.items():
+                if key in values[pipe]:
+                    families[name].add_metric((*self.base, pipe, *labels), values[pipe][key])
+        return [f for f in families.values() if f.samples]
+
+
+def _gauge_plan(layout: Layout) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """metric key -> (gauge name, labels after run/process/pipeline) for a layout."""
+    plan: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for slot in layout.slots:
+        name = str(slot.name)
+        if slot.scope == "penalty" and slot.quantity in _PENALTY_GAUGES:
+            plan[slot.key] = (_PENALTY_GAUGES[slot.quantity], (name,))
+        elif slot.scope == "penalty" and slot.quantity == "grad_norm":
+            plan[slot.key] = ("penwatch_penalty_grad_norm", (name, "input"))
+        elif slot.scope == "term" and slot.quantity == "param_grad_norm":
+            plan[slot.key] = ("penwatch_penalty_grad_norm", (name, "params"))
+        elif slot.scope == "term" and slot.quantity in _TERM_GAUGES:
+            plan[slot.key] = (_TERM_GAUGES[slot.quantity], (name,))
+        elif slot.key == "total":
+            plan[slot.key] = ("penwatch_pipeline_value", ())
+    return plan
