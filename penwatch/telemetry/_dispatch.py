@@ -240,19 +240,35 @@ def _with_trace(record: StepRecord, trace_id: int) -> StepRecord:
 def _host_values(
     metrics: Any,
 ) -> tuple[dict[str, float], Mapping[str, Any], tuple[str, ...] | None]:
-    """``(scalar values in order, reserved entries, penalty order or None)``."""
+    """``(scalar values in order, reserved entries, penalty order or None)``.
+
+    A ``pw.Metrics`` is read with one host copy per packed buffer. A plain mapping is
+    read value by value (Python numbers as they are, arrays through one ``device_get``
+    on accelerators); entries that are not real scalars (a pairwise matrix) are skipped.
+    """
     if isinstance(metrics, _METRICS):
         return metrics.scalars(), metrics.reserved, metrics.penalties
-    reserved = {k: v for k, v in metrics.items() if k.startswith("_")}
-    host = _materialize({k: v for k, v in metrics.items() if not k.startswith("_")})
-    values: dict[str, float] = {}
-    for key, value in host.items():
-        number = _scalar(value)
-        if number is not None:  # non-scalar entries (e.g. a pairwise matrix) are not recorded
-            values[key] = number
+    values: dict[str, Any] = {}
+    reserved: dict[str, Any] = {}
+    arrays = False
+    for key, value in metrics.items():
+        if key[:1] == "_":
+            reserved[key] = value
+        elif type(value) is float:
+            values[key] = value
+        else:
+            values[key] = value
+            arrays = True
+    if arrays:
+        host = _materialize(values)
+        values = {}
+        for key, value in host.items():
+            number = _scalar(value)
+            if number is not None:
+                values[key] = number
     count = reserved.get(LEAF_COUNT_TOTAL)
     if count is not None:
-        values[LEAF_COUNT_TOTAL] = _scalar(_materialize(count))  # type: ignore[assignment]
+        values[LEAF_COUNT_TOTAL] = _scalar(_materialize(count))
     return values, reserved, None
 
 
@@ -282,12 +298,13 @@ def _materialize(tree: Any) -> Any:
 
 
 def _scalar(value: Any) -> float | None:
-    if isinstance(value, float):
+    kind = type(value)
+    if kind is float:
         return value
-    if isinstance(value, bool | int):
-        return float(value)
-    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "fiub":
+    if kind is np.ndarray and value.size == 1 and value.dtype.kind in "fiub":
         return float(value.reshape(()))  # the common case, without dtype machinery
+    if kind is int or kind is bool:
+        return float(value)
     try:
         arr = np.asarray(value)
     except Exception:
