@@ -6,6 +6,9 @@
   after each — vs jitted ``compute``: penwatch's speed-up must reach ≥ 90 % of the ideal
   speed-up (the hand-fused jitted expression vs the same eager pattern).
 * 1,000 weight updates of a pipeline passed to a jitted function: exactly 1 trace.
+* Metrics cost: jitted ``compute(x)`` with all metrics (a ``pw.Metrics``, packed into one
+  buffer per dtype group) vs jitted ``compute_total(x)``, 32 penalties on a ``[256, 64]``
+  input: ≤ 1.3× (one output buffer per metric made this 3.9-10× on XLA:CPU).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from benchmarks._harness import Report, time_call, time_interleaved
 
 N = 2**22
 WEIGHTS = {"l1": 1e-3, "l2": 1e-2, "elastic_net": 1e-2}  # elastic_net: l1_ratio 0.5
+METRICS_PENALTIES = 32
+METRICS_SHAPE = (256, 64)
 
 
 def _hand_fused(w: jax.Array, x: jax.Array) -> jax.Array:
@@ -107,3 +112,44 @@ def run(report: Report) -> None:
         bar="== 1",
         passed=len(traces) == 1 and step._cache_size() == 1,
     )
+    _metrics_cost(report)
+
+
+def _metrics_cost(report: Report) -> None:
+    """Jitted ``compute`` (every metric, packed) vs jitted ``compute_total``, 32 penalties.
+
+    Cheap element-wise penalties (the built-in l1, l2, elastic_net and output_magnitude in
+    turn, each with its own weight) make the metrics' share of the cost as large as it
+    gets: the penalties themselves cost little next to the 129 metrics.
+    """
+    kinds = ("l1", "l2", "elastic_net", "output_magnitude")
+    fns = pw.pipelines.builtin_penalties()
+    pipe = pw.Pipeline(name="metrics_cost")
+    for i in range(METRICS_PENALTIES):
+        kind = kinds[i % len(kinds)]
+        pipe = pipe.add(f"{kind}_{i}", fns[kind], weight=1e-3 * (i + 1))
+    x = jax.random.normal(jax.random.key(1), METRICS_SHAPE, jnp.float32)
+    total_jit = jax.jit(lambda p, x: p.compute_total(x))
+    compute_jit = jax.jit(lambda p, x: p.compute(x))
+    total, metrics = compute_jit(pipe, x)
+    np.testing.assert_allclose(total, total_jit(pipe, x), rtol=1e-5)
+    assert len(metrics) == 4 * METRICS_PENALTIES + 1
+    outputs = len(jax.tree.leaves((total, metrics)))
+    t = time_interleaved(
+        {
+            "compute_total": lambda: total_jit(pipe, x),
+            "compute": lambda: compute_jit(pipe, x),
+        },
+        repeats=201,
+        warmup=5,
+    )
+    ratio = t["compute"] / t["compute_total"]
+    report.add(
+        f"jitted compute, all {len(metrics)} metrics ({METRICS_PENALTIES} penalties, "
+        f"[256,64], {outputs} output buffers) / jitted compute_total",
+        ratio,
+        bar="<= 1.3x",
+        passed=ratio <= 1.3,
+    )
+    for name, seconds in t.items():
+        report.add(f"  time: {name} (32 penalties, [256,64])", 1e6 * seconds, unit=" us")

@@ -159,7 +159,8 @@ def train(args: argparse.Namespace) -> int:
         res = value_and_grad_with_diagnostics(terms, params, has_aux=True)
         sq_err, pen = res.aux
         updates, opt_state = optimizer.update(res.grads, opt_state, params)
-        metrics = {**pen, **res.metrics, "base_loss": res.values["base"]}
+        # pw.Metrics: the pipeline's packed buffers plus the diagnostics, one merge
+        metrics = pen.merge(res.metrics, {"base_loss": res.values["base"]})
         return optax.apply_updates(params, updates), opt_state, metrics, sq_err
 
     @jax.jit
@@ -185,7 +186,7 @@ def train(args: argparse.Namespace) -> int:
             params, opt_state, metrics, sq_err = step(params, opt_state, pipe, x, y)
             # Replicated results: this process's copy (no transfer, no sync). The loss is
             # this process's shard: the one per-process quantity of the step.
-            local = {k: v.addressable_data(0) for k, v in metrics.items()}
+            local = jax.tree.map(lambda buf: buf.addressable_data(0), metrics)
             monitor.record(
                 i,
                 local,
@@ -196,7 +197,7 @@ def train(args: argparse.Namespace) -> int:
             if args.step_delay:
                 stop.wait(args.step_delay)
         monitor.flush()
-        final = float(metrics["base_loss"].addressable_data(0))
+        final = float(local["base_loss"])
         print(f"process {index}/{jax.process_count()}: {i + 1} steps, global loss {final:.4f}")
         if args.hold:
             stop.wait(args.hold)

@@ -11,10 +11,12 @@ import jax.numpy as jnp
 import penwatch as pw
 
 
-def show(title: str, metrics: dict[str, jax.Array]) -> None:
+def show(title: str, metrics: pw.Metrics) -> None:
     print(f"\n{title}")
-    for key in sorted(metrics):
-        print(f"  {key:<24} {float(metrics[key]): .6f}")
+    # pw.Metrics packs the values into one buffer per dtype; scalars() reads each
+    # buffer once. Keys come in computation order, penalties in pipeline order.
+    for key, value in metrics.scalars().items():
+        print(f"  {key:<24} {value: .6f}")
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ from penwatch.pipelines import MultiPipeline as MultiPipeline
 from penwatch.pipelines import Pipeline as Pipeline
 from penwatch.pipelines import multi_pipeline as multi_pipeline
 from penwatch.pipelines import pipeline as pipeline
+from penwatch.schema import Metrics as Metrics
 from penwatch import diagnostics as diagnostics
 from penwatch.diagnostics import gradient_diagnostics as gradient_diagnostics
 

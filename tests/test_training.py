@@ -423,7 +423,9 @@ def test_trainer_learns_records_monitor_and_schedules(caplog):
     assert len(monitor.calls) == 120
     step, metrics, loss, label, t0 = monitor.calls[-1]
     assert step == 119 and label == "default" and isinstance(t0, int)
-    assert loss is metrics["base_loss"] and isinstance(loss, jax.Array)
+    # the step's packed metrics go as they are; the monitor reads base_loss from them
+    assert loss is None and isinstance(metrics, pw.Metrics)
+    assert metrics.penalties == ("l2", "l1") and "base_loss" in metrics.scalar_keys
     # log_penalties logged steps 0, 10, ..., 110.
     lines = [r.getMessage() for r in caplog.records if r.name == "penwatch.training"]
     assert len(lines) == 12 and lines[0].startswith("step 0: loss=")

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from penwatch.diagnostics._closed_form import ParamTerm, _zero_grad
+from penwatch.schema import term_key
 
 PyTree = Any
 TermsFn = Callable[[PyTree], Any]
@@ -246,9 +247,9 @@ def _metrics(
     cos = jnp.where(jnp.eye(len(names), dtype=bool), (norms > 0).astype(cos.dtype), cos)
     metrics: dict[str, jax.Array] = {}
     for i, name in enumerate(names):
-        metrics[f"{name}_param_grad_norm"] = norms[i]
-        metrics[f"{name}_grad_share"] = shares[i]
-        metrics[f"{name}_grad_cosine"] = cos[i, 0]
+        metrics[term_key(name, "param_grad_norm")] = norms[i]
+        metrics[term_key(name, "grad_share")] = shares[i]
+        metrics[term_key(name, "grad_cosine")] = cos[i, 0]
     if pairwise:
         metrics[PAIRWISE_KEY] = cos
     return metrics

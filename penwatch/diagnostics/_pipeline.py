@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from penwatch import _checks
 from penwatch.diagnostics._closed_form import ParamTerm
 from penwatch.diagnostics._dominance import gradient_diagnostics
+from penwatch.schema import penalty_key
 
 PyTree = Any
 
@@ -57,7 +58,7 @@ def pipeline_terms_fn(
         outputs = apply_fn(params, x)
         base = jnp.mean(loss_fn(outputs, y))
         _, metrics = pipeline.compute(outputs)
-        return (base, {name: metrics[f"{name}_weighted"] for name in names}), metrics
+        return (base, {name: metrics[penalty_key(name, "weighted")] for name in names}), metrics
 
     return terms_fn
 

@@ -9,7 +9,8 @@ import jax
 
 from penwatch import _checks
 from penwatch.pipelines import _builtins
-from penwatch.pipelines._core import Metrics, _PipelineBase, _Spec
+from penwatch.pipelines._core import _PipelineBase, _Spec
+from penwatch.schema import Metrics
 
 __all__ = ["MultiPipeline"]
 
@@ -103,8 +104,9 @@ class MultiPipeline(_PipelineBase):
     ) -> tuple[jax.Array, Metrics]:
         """Weighted total and per-penalty metrics over named inputs (device arrays).
 
-        Same keys and rules as :meth:`Pipeline.compute`; ``P_grad_norm`` is the norm of the
-        gradient of ``P`` with respect to all of its named inputs together.
+        Same keys, rules and :class:`penwatch.Metrics` return as :meth:`Pipeline.compute`;
+        ``P_grad_norm`` is the norm of the gradient of ``P`` with respect to all of its
+        named inputs together.
 
         Args:
           inputs: ``{input_name: array}``; keys no enabled penalty reads are ignored.

@@ -8,7 +8,8 @@ from typing import Any
 import jax
 
 from penwatch.pipelines import _builtins
-from penwatch.pipelines._core import Metrics, _PipelineBase, _Spec
+from penwatch.pipelines._core import _PipelineBase, _Spec
+from penwatch.schema import Metrics
 
 __all__ = ["Pipeline"]
 
@@ -30,8 +31,10 @@ class Pipeline(_PipelineBase):
       ...         .add("l1", pw.l1, weight=1e-3)
       ...         .add("l2", pw.l2, weight=1e-2, clip=10.0))
       >>> total, metrics = pipe.compute(jnp.array([1.0, -2.0, 3.0]))
-      >>> sorted(metrics)[:4]
-      ['l1', 'l1_finite', 'l1_weight', 'l1_weighted']
+      >>> list(metrics)[:4]
+      ['l1', 'l1_weighted', 'l1_weight', 'l1_finite']
+      >>> metrics.penalties
+      ('l1', 'l2')
 
     Args:
       name: the pipeline's name: the ``pipeline`` label of its metrics and events.
@@ -100,12 +103,20 @@ class Pipeline(_PipelineBase):
         input shape (weights are arguments) and emits the ``penwatch.events`` compute
         start/stop events. Called inside ``jit``/``grad``/``vmap`` it is pure (no events).
 
+        The metrics are a :class:`penwatch.Metrics`: an immutable mapping whose values
+        are packed into one device buffer per dtype group (the compiled function has
+        three outputs, not one per metric), keys in computation order, penalties in
+        pipeline order as ``metrics.penalties``. ``metrics["l1"]`` works inside and
+        outside ``jit``; ``dict(metrics)`` gives a mutable copy and
+        ``metrics.scalars()`` every value as a Python float (one transfer per buffer).
+
         Args:
           x: the pipeline input (an array, or any pytree the penalties accept).
           track_grad_norms: also compute the input-gradient norms.
 
         Returns:
-          ``(total, metrics)``; an empty or all-disabled pipeline gives ``(0, {"total": 0})``.
+          ``(total, metrics)``; an empty or all-disabled pipeline gives a total of 0 and
+          metrics ``{"total": 0}``.
         """
         return self._run_compute(x, track_grad_norms)
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from penwatch import _checks
 from penwatch.diagnostics import ParamTerm
-from penwatch.schema import PENALTY_QUANTITIES, penalty_key
+from penwatch.schema import Metrics
 
 __all__ = ["StepFunction", "TrainState"]
 
@@ -66,18 +66,6 @@ def _strong_types(tree: Any) -> Any:
         return x
 
     return jax.tree.map(fix, tree)
-
-
-def _pipeline_order(pm: Mapping[str, Any], pipe: Any) -> dict[str, Any]:
-    """Pipeline metrics with each penalty's keys together, in pipeline order."""
-    out: dict[str, Any] = {}
-    for name in getattr(pipe, "enabled_names", ()):
-        for quantity in PENALTY_QUANTITIES:
-            key = penalty_key(name, quantity)
-            if key in pm:
-                out[key] = pm[key]
-    out.update((k, v) for k, v in pm.items() if k not in out)
-    return out
 
 
 def _tree_add(a: Any, b: Any) -> Any:
@@ -141,38 +129,21 @@ class StepFunction:
       diagnostics_every: N (0: never).
     """
 
-    def __init__(
-        self,
-        plain: Callable,
-        diag: Callable,
-        every: int,
-        host: _HostStep,
-        key_order: dict[bool, list[str]],
-    ) -> None:
+    def __init__(self, plain: Callable, diag: Callable, every: int, host: _HostStep) -> None:
         self.plain = plain
         self.with_diagnostics = diag
         self.diagnostics_every = every
         self._host = host
-        self._key_order = key_order
-
-    def _ordered(self, metrics: dict[str, Any], diag: bool) -> dict[str, Any]:
-        # jit returns dicts with sorted keys; restore computation order (pipeline order
-        # of penalties, which the monitor's first-offender report relies on). Host-only.
-        order = self._key_order.get(diag)
-        if order is None or len(order) != len(metrics):
-            return metrics
-        return {k: metrics[k] for k in order}
 
     def is_diagnostics_step(self, step: int) -> bool:
         """Whether step ``step`` (0-based, before the update) runs the diagnostics."""
         return self.diagnostics_every > 0 and step % self.diagnostics_every == 0
 
-    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         if self.diagnostics_every > 0:
             step = self._host.get(state)
             fn = self.with_diagnostics if self.is_diagnostics_step(step) else self.plain
             new_state, metrics = fn(state, batch)
             self._host.remember(new_state, step + 1)
-            return new_state, self._ordered(metrics, fn is self.with_diagnostics)
-        new_state, metrics = self.plain(state, batch)
-        return new_state, self._ordered(metrics, False)
+            return new_state, metrics
+        return self.plain(state, batch)

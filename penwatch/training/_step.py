@@ -6,8 +6,8 @@ plain ``apply_fn(params, x)`` (a function, Flax Linen's ``model.apply``, …):
 * ``init_fn(params) -> TrainState`` (params, optimizer state, step, pipeline, parameter
   terms); the pipeline and the parameter terms' weights live in the state as pytree
   leaves, so changing them (schedules) never recompiles the step;
-* ``step_fn(state, batch) -> (state, metrics)``, compiled once, metrics left on the
-  device (see :data:`METRIC_KEYS_DOC`).
+* ``step_fn(state, batch) -> (state, metrics)``, compiled once, metrics a
+  :class:`penwatch.Metrics` left on the device (see :data:`METRIC_KEYS_DOC`).
 
 Gradient diagnostics (SPEC §4) run every ``diagnostics_every`` steps through a second
 compiled function picked on the host, so ordinary steps pay nothing for them; on a
@@ -33,6 +33,7 @@ from penwatch.diagnostics import elastic_net_term as _elastic_net_term
 from penwatch.diagnostics import l1_term as _l1_term
 from penwatch.diagnostics import l2_term as _l2_term
 from penwatch.penalties import leaf_finite_counts
+from penwatch.schema import LEAF_COUNT_TOTAL, LEAF_COUNTS, Metrics, penalty_key
 from penwatch.training._loss import flatten_params
 from penwatch.training._state import (
     StepFunction,
@@ -40,7 +41,6 @@ from penwatch.training._state import (
     _check_names,
     _HostStep,
     _normalize_terms,
-    _pipeline_order,
     _split_batch,
     _strong_types,
     _tree_add,
@@ -53,7 +53,9 @@ __all__ = [
 ]
 
 METRIC_KEYS_DOC = """\
-Metrics of a penwatch train step (device arrays, flat keys):
+Metrics of a penwatch train step: a ``pw.Metrics`` (flat keys, values packed on the
+device into one buffer per dtype group, ``metrics.penalties`` the pipeline's penalties
+in pipeline order, then the parameter terms):
 
 * ``loss`` — the total objective ``base_loss + total``;
 * ``base_loss`` — the task loss (``loss_fn`` averaged);
@@ -125,27 +127,27 @@ def _make_step(
         preds, penalty_input = forward(params, x)
         base = jnp.mean(loss_fn(preds, y))
         if pipe is None:
-            return base, (base, {})
+            return base, (base, Metrics.pack({}))
         total, pm = pipe.compute(penalty_input, track_grad_norms=track)
         return base + total, (base, pm)
 
-    def step(state: TrainState, batch: Any, with_diag: bool) -> tuple[TrainState, dict]:
+    def step(state: TrainState, batch: Any, with_diag: bool) -> tuple[TrainState, Metrics]:
         x, y = _split_batch(batch)
         params, pipe, terms = state.params, state.pipeline, dict(state.param_terms or {})
-        metrics: dict[str, Any] = {}
+        diag: Mapping[str, Any] = {}
         if with_diag:
             names = tuple(getattr(pipe, "enabled_names", ())) if pipe is not None else ()
 
             def terms_fn(p: Any) -> Any:
                 _, (base, pm) = objective(p, pipe, x, y)
-                return (base, {n: pm[f"{n}_weighted"] for n in names}), (base, pm)
+                return (base, {n: pm[penalty_key(n, "weighted")] for n in names}), (base, pm)
 
             res = value_and_grad_with_diagnostics(
                 terms_fn, params, param_terms=terms, pairwise=pairwise, has_aux=True
             )
             base, pm = res.aux
             grads, loss = res.grads, res.loss
-            metrics.update(res.metrics)
+            diag = res.metrics
         else:
             (loss, (base, pm)), grads = jax.value_and_grad(objective, has_aux=True)(
                 params, pipe, x, y
@@ -154,41 +156,40 @@ def _make_step(
                 value, grad = term.value_and_grad(params)
                 loss = loss + value
                 grads = _tree_add(grads, grad)
-        pm = _pipeline_order(pm, pipe)
-        total = pm.pop("total", None)
-        total = jnp.zeros((), jnp.result_type(base)) if total is None else total
+        total = pm["total"] if "total" in pm else jnp.zeros((), jnp.result_type(base))
+        term_metrics: dict[str, Any] = {}
         for name, term in terms.items():
             raw = dataclasses.replace(term, weight=jnp.ones((), jnp.float32)).value(params)
-            pm[name] = raw
-            pm[f"{name}_weighted"] = term.weight * raw
-            pm[f"{name}_weight"] = term.weight
-            pm[f"{name}_finite"] = jnp.isfinite(raw)
+            term_metrics[penalty_key(name)] = raw
+            term_metrics[penalty_key(name, "weighted")] = term.weight * raw
+            term_metrics[penalty_key(name, "weight")] = term.weight
+            term_metrics[penalty_key(name, "finite")] = jnp.isfinite(raw)
             total = total + term.weight * raw
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
         grad_counts = leaf_finite_counts(grads)
         bad = sum((n + i for n, i in grad_counts.values()), jnp.zeros((), jnp.int32))
-        metrics = {
-            "loss": loss,
-            "base_loss": base,
-            **pm,
-            "total": total,
+        tail: dict[str, Any] = {
+            "total": total,  # replaces the pipeline's total in place
             "loss_finite": jnp.isfinite(loss),
             "grads_finite": bad == 0,
             "grad_norm": optax.tree.norm(grads),
-            **metrics,
+            **diag,
         }
         if skip:
-            metrics["update_skipped"] = jnp.logical_not(opt_state.last_finite)
+            tail["update_skipped"] = jnp.logical_not(opt_state.last_finite)
         if leaf_report:
             param_counts = leaf_finite_counts(new_params)
-            metrics["_leaf_nonfinite"] = {"params": param_counts, "grads": grad_counts}
+            tail[LEAF_COUNTS] = {"params": param_counts, "grads": grad_counts}
             # One scalar the monitor reads first: the per-leaf tree is only read when > 0.
-            metrics["_leaf_nonfinite_count"] = bad + sum(
+            tail[LEAF_COUNT_TOTAL] = bad + sum(
                 (n + i for n, i in param_counts.values()), jnp.zeros((), jnp.int32)
             )
+        # The pipeline's buffers are reused whole; penalty order travels as data.
+        penalties = (*pm.penalties, *terms)
+        head = Metrics.pack({"loss": loss, "base_loss": base})
+        metrics = head.merge(pm, term_metrics, tail, penalties=penalties)
         new_state = TrainState(new_params, opt_state, state.step + 1, pipe, terms)
-        key_order[with_diag] = list(metrics)  # recorded at trace time
         return new_state, metrics
 
     host = _HostStep()
@@ -209,10 +210,9 @@ def _make_step(
         host.remember(state, 0)
         return state
 
-    key_order: dict[bool, list[str]] = {}
     plain = jax.jit(functools.partial(step, with_diag=False))
     diag = jax.jit(functools.partial(step, with_diag=True))
-    return init_fn, StepFunction(plain, diag, every, host, key_order)
+    return init_fn, StepFunction(plain, diag, every, host)
 
 
 def _forward_for(fn_name: str, apply_fn: Callable, penalty_on: Any) -> Callable:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from penwatch import _checks
-from penwatch.schema import layout_of, penalty_key
+from penwatch.schema import Metrics, layout_of, penalty_key
 from penwatch.training._schedule import apply_scheduled_weights
 from penwatch.training._step import TrainState, build_train_step
 
@@ -72,7 +72,8 @@ class PenaltyLogger:
 
     def _keys(self, metrics: Mapping[str, Any]) -> list[str]:
         if self.names is None:
-            names = list(layout_of(metrics, getattr(metrics, "penalties", None)).penalties)
+            order = metrics.penalties if isinstance(metrics, Metrics) else None
+            names = list(layout_of(metrics, order).penalties)
         else:
             names = list(self.names)
         keys = [k for k in ("loss", "base_loss", "total") if k in metrics]
@@ -166,8 +167,9 @@ def trainer(
 
     Each epoch: apply the schedule's weights (``schedule(epoch, epochs)``, no
     recompilation), then for each batch run the jitted step, ``monitor.record(step,
-    metrics, loss=metrics["base_loss"], pipeline=..., dispatched_at_ns=...)`` and the
-    callbacks. No metric is converted to a Python number on the training thread.
+    metrics, pipeline=..., dispatched_at_ns=...)`` (the monitor takes the loss from
+    ``metrics["base_loss"]``) and the callbacks. No metric is converted to a Python
+    number on the training thread.
 
     Args:
       apply_fn: ``apply_fn(params, x)``.
@@ -245,13 +247,8 @@ def trainer(
                 dispatched = time.time_ns()
                 state, metrics = step_fn(state, batch)
                 if monitor is not None:
-                    monitor.record(
-                        step,
-                        metrics,
-                        loss=metrics.get("base_loss"),
-                        pipeline=label,
-                        dispatched_at_ns=dispatched,
-                    )
+                    # the monitor reads the loss from the packed metrics (base_loss)
+                    monitor.record(step, metrics, pipeline=label, dispatched_at_ns=dispatched)
                 for cb in callbacks:
                     cb(step, metrics)
                 losses.append(metrics["loss"])

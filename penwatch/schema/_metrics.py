@@ -1,0 +1,638 @@
+"""``pw.Metrics``: a step's metrics, packed on the device (SPEC section 10).
+
+A jitted function that returns one device buffer per scalar metric pays for every
+buffer: a 32-penalty ``compute`` made 160 scalar outputs and cost 3.9-10x its
+``compute_total`` on XLA:CPU. :class:`Metrics` is an immutable
+``Mapping[str, jax.Array]`` registered as a pytree whose keys are static structure and
+whose scalar values live in **one buffer per dtype group**:
+
+* floating values -> ``float32`` (exact for ``float16``/``bfloat16``; ``float64`` when
+  x64 is on and a value is ``float64``);
+* booleans (``P_finite`` flags) -> ``bool``;
+* integers (counts) -> ``int32`` (``int64`` when x64 is on and a value is 64-bit).
+
+Reserved keys (starting with ``_``, e.g. ``"_leaf_nonfinite"``) and non-scalar values
+(e.g. the ``pairwise_cosine`` matrix) are kept as they are, as pytree children of their
+own. ``m[key]`` slices its buffer (``buf[..., i]``, so ``vmap``-ed and ``scan``-stacked
+buffers work) and gives the value back in the dtype it was packed from;
+:meth:`Metrics.scalars` reads every packed value to the host with one transfer per
+buffer.
+
+Build one with :meth:`Metrics.pack` (a mapping of scalars), :meth:`Metrics.from_columns`
+(vectors of values, e.g. every penalty's value at once: one concatenation instead of one
+stacking op per scalar, which XLA:CPU runs as one small kernel each) and
+:meth:`Metrics.merge` (reuses the buffers of the metrics merged).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, Self
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Metrics"]
+
+_ALLOWED_VALUE = (
+    "a real or boolean scalar (Python number, NumPy or JAX 0-d array) or an array "
+    "with at least one dimension; keys starting with '_' (reserved) may hold any pytree"
+)
+_FLOAT, _BOOL, _INT = "float", "bool", "int"
+_GROUPS = (_FLOAT, _BOOL, _INT)
+
+
+def _show(value: Any) -> str:
+    """A value as an error message shows it."""
+    if isinstance(value, jax.core.Tracer):
+        return f"a traced value of shape {value.shape} and dtype {value.dtype}"
+    if isinstance(value, (np.ndarray, jax.Array)):
+        if np.ndim(value) == 0:
+            return f"{np.asarray(value).item()!r} (dtype {value.dtype})"
+        return f"an array of shape {tuple(value.shape)} and dtype {value.dtype}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _group_of(dtype: Any) -> str | None:
+    if jnp.issubdtype(dtype, jnp.bool_):
+        return _BOOL
+    if jnp.issubdtype(dtype, jnp.floating):
+        return _FLOAT
+    if jnp.issubdtype(dtype, jnp.integer):
+        return _INT
+    return None
+
+
+def _classify(where: str, key: str, value: Any) -> tuple[str | None, np.dtype | None]:
+    """``(group, dtype)`` of a value; group None: kept unpacked (a non-scalar array).
+
+    ``dtype`` is the canonical dtype the value reads back in; None for Python scalars,
+    which take their group's dtype (like JAX's weak types).
+    """
+    if isinstance(value, bool):
+        return _BOOL, None
+    if isinstance(value, int):
+        return _INT, None
+    if isinstance(value, float):
+        return _FLOAT, None
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        if value.shape != ():
+            return None, None
+        dtype = jax.dtypes.canonicalize_dtype(value.dtype)
+        group = _group_of(dtype)
+        if group is not None:
+            return group, dtype
+    raise TypeError(
+        f"{where}: argument 'values' entry {key!r} must be {_ALLOWED_VALUE}, got {_show(value)}"
+    )
+
+
+def _group_dtype(group: str, dtypes: Sequence[np.dtype]) -> np.dtype:
+    wide = any(d.itemsize == 8 for d in dtypes)
+    if group == _FLOAT:
+        return jax.dtypes.canonicalize_dtype(np.float64 if wide else np.float32)
+    if group == _INT:
+        wide = wide or any(d == np.uint32 for d in dtypes)
+        return jax.dtypes.canonicalize_dtype(np.int64 if wide else np.int32)
+    return np.dtype(np.bool_)
+
+
+def _check_penalties(where: str, penalties: Any) -> tuple[str, ...]:
+    if isinstance(penalties, str) or not isinstance(penalties, Sequence):
+        raise TypeError(
+            f"{where}: option 'penalties' must be a sequence of penalty names, "
+            f"got {_show(penalties)}"
+        )
+    for name in penalties:
+        if not isinstance(name, str):
+            raise TypeError(f"{where}: option 'penalties' must hold strings, got {_show(name)}")
+    return tuple(penalties)
+
+
+class _Structure:
+    """The static half of a :class:`Metrics` (its pytree aux data): hashable, interned.
+
+    Attributes:
+      keys: every key, in order.
+      slots: per key ``(group, position)``: a buffer index and the position in it, or
+        ``(-1, i)`` for the i-th unpacked child.
+      groups: the dtype of each packed buffer (float, bool, int groups, those present).
+      dtypes: per key the dtype ``m[key]`` reads back in (None: the buffer's own).
+      penalties: penalty names in pipeline order.
+    """
+
+    __slots__ = (
+        "_hash",
+        "dtypes",
+        "groups",
+        "index",
+        "keys",
+        "penalties",
+        "reserved_keys",
+        "scalar_keys",
+        "scalar_slots",
+        "slots",
+        "unpacked_keys",
+    )
+
+    def __init__(
+        self,
+        keys: tuple[str, ...],
+        slots: tuple[tuple[int, int], ...],
+        groups: tuple[np.dtype, ...],
+        dtypes: tuple[np.dtype | None, ...],
+        penalties: tuple[str, ...],
+    ) -> None:
+        self.keys, self.slots, self.groups = keys, slots, groups
+        self.dtypes, self.penalties = dtypes, penalties
+        self.index = {k: i for i, k in enumerate(keys)}
+        packed = [(k, g, p) for k, (g, p) in zip(keys, slots, strict=True) if g >= 0]
+        self.scalar_slots = tuple(packed)
+        self.scalar_keys = tuple(k for k, _, _ in packed)
+        self.unpacked_keys = tuple(k for k, (g, _) in zip(keys, slots, strict=True) if g < 0)
+        self.reserved_keys = tuple(k for k in self.unpacked_keys if k.startswith("_"))
+        self._hash = hash(self._fields())
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.keys, self.slots, self.groups, self.dtypes, self.penalties)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, _Structure):
+            return NotImplemented
+        return self._hash == other._hash and self._fields() == other._fields()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_structure, self._fields())
+
+    def __repr__(self) -> str:
+        return f"_Structure(keys={self.keys}, penalties={self.penalties})"
+
+
+@functools.lru_cache(maxsize=1024)
+def _structure(*fields: Any) -> _Structure:
+    return _Structure(*fields)
+
+
+class _Piece(NamedTuple):
+    """A run of positions in a group's buffer: stacked scalars or one column array."""
+
+    stacked: bool
+    arrays: tuple[int, ...]  # indices into the builder's arrays
+    dtypes: list[np.dtype | None]  # per position: the dtype it reads back in
+
+
+def _assemble(arrays: tuple[Any, ...], spec: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The buffers: per group ``(dtype, pieces)``, each piece ``(stacked, indices)``."""
+    buffers = []
+    for dtype, pieces in spec:
+        parts = [
+            jnp.stack([jnp.asarray(arrays[i], dtype) for i in idx], axis=-1)
+            if stacked
+            else jnp.asarray(arrays[idx[0]], dtype)
+            for stacked, idx in pieces
+        ]
+        buffers.append(parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1))
+    return tuple(buffers)
+
+
+_assemble_jit = jax.jit(_assemble, static_argnums=1)
+
+
+def _take(buf: Any, position: int, dtype: np.dtype | None) -> Any:
+    value = buf[..., position]
+    return value if dtype is None else value.astype(dtype)
+
+
+_take_jit = jax.jit(_take, static_argnums=(1, 2))
+
+
+class _Builder:
+    """Collects entries (a later entry for a key replaces it, in place) and packs them."""
+
+    def __init__(self) -> None:
+        self.arrays: list[Any] = []
+        self.pieces: dict[str, list[_Piece]] = {g: [] for g in _GROUPS}
+        self.entries: dict[str, tuple[str, int, int] | tuple[None, Any, None]] = {}
+
+    def scalars(self, where: str, values: Mapping[str, Any]) -> None:
+        stacks: dict[str, tuple[list[int], list[np.dtype | None], list[str]]] = {}
+        for key, value in values.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where}: argument 'values' keys must be strings, got {key!r}")
+            group, dtype = (None, None) if key.startswith("_") else _classify(where, key, value)
+            if group is None:
+                self.entries[key] = (None, value, None)
+                continue
+            self.entries[key] = (group, -1, -1)  # its place in the order; set by _add
+            indices, dtypes, keys = stacks.setdefault(group, ([], [], []))
+            indices.append(len(self.arrays))
+            dtypes.append(dtype)
+            keys.append(key)
+            self.arrays.append(value)
+        for group, (indices, dtypes, keys) in stacks.items():
+            self._add(group, _Piece(True, tuple(indices), dtypes), keys)
+
+    def column(self, group: str, array: Any, dtypes: list[np.dtype | None], keys: list) -> None:
+        self.arrays.append(array)
+        self._add(group, _Piece(False, (len(self.arrays) - 1,), dtypes), keys)
+
+    def _add(self, group: str, piece: _Piece, keys: Sequence[str | None]) -> None:
+        pieces = self.pieces[group]
+        for position, key in enumerate(keys):
+            if key is not None:
+                self.entries[key] = (group, len(pieces), position)
+        pieces.append(piece)
+
+    def build(self, cls: type[Metrics], penalties: tuple[str, ...]) -> Metrics:
+        present = [g for g in _GROUPS if self.pieces[g]]
+        group_dtype = {
+            g: _group_dtype(g, [d for p in self.pieces[g] for d in p.dtypes if d is not None])
+            for g in present
+        }
+        offsets = {g: np.cumsum([0] + [len(p.dtypes) for p in self.pieces[g]]) for g in present}
+        slots, dtypes, unpacked = [], [], []
+        for group, a, b in self.entries.values():
+            if group is None:
+                slots.append((-1, len(unpacked)))
+                unpacked.append(a)
+                dtypes.append(None)
+            else:
+                dtype = self.pieces[group][a].dtypes[b]
+                slots.append((present.index(group), int(offsets[group][a]) + b))
+                dtypes.append(None if dtype in (None, group_dtype[group]) else dtype)
+        spec = tuple(
+            (group_dtype[g], tuple((p.stacked, p.arrays) for p in self.pieces[g])) for g in present
+        )
+        arrays = tuple(self.arrays)
+        if not spec:
+            buffers: tuple[Any, ...] = ()
+        elif any(isinstance(a, jax.core.Tracer) for a in arrays):
+            buffers = _assemble(arrays, spec)
+        else:
+            buffers = _assemble_jit(arrays, spec)  # concrete values: one dispatch
+        structure = _structure(
+            tuple(self.entries),
+            tuple(slots),
+            tuple(group_dtype[g] for g in present),
+            tuple(dtypes),
+            penalties,
+        )
+        return cls._make(structure, buffers, unpacked)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Metrics(Mapping[str, jax.Array]):
+    """A step's metrics: an immutable mapping, packed on the device, a JAX pytree.
+
+    What ``Pipeline.compute``, ``MultiPipeline.compute`` and penwatch train steps
+    return. Keys (and the penalty order) are static structure; scalar values live in one
+    buffer per dtype group (see the module docstring). Keys iterate in the order they
+    were given in (for penwatch's metrics: computation order, penalties in pipeline
+    order); :attr:`penalties` carries the pipeline order explicitly.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import penwatch as pw
+      >>> m = pw.Metrics.pack({"l1": jnp.float32(0.5), "l1_finite": True}, penalties=["l1"])
+      >>> float(m["l1"]), len(m.buffers), m.scalar_keys
+      (0.5, 2, ('l1', 'l1_finite'))
+      >>> m.scalars()
+      {'l1': 0.5, 'l1_finite': 1.0}
+      >>> host = jax.device_get(m)   # a Metrics of NumPy buffers
+      >>> float(host["l1"])
+      0.5
+
+    ``dict(m)`` gives a mutable copy; :meth:`merge` adds or replaces keys; item
+    assignment raises ``TypeError``.
+    """
+
+    __slots__ = ("_buffers", "_structure", "_unpacked")
+
+    _structure: _Structure
+    _buffers: tuple[Any, ...]
+    _unpacked: tuple[Any, ...]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(
+            "penwatch.Metrics: build one with Metrics.pack(values, penalties=...) or "
+            "Metrics.from_columns(columns, penalties=...)"
+        )
+
+    @classmethod
+    def _make(cls, structure: _Structure, buffers: Any, unpacked: Any) -> Self:
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "_structure", structure)
+        object.__setattr__(obj, "_buffers", tuple(buffers))
+        object.__setattr__(obj, "_unpacked", tuple(unpacked))
+        return obj
+
+    @classmethod
+    def pack(cls, values: Mapping[str, Any], *, penalties: Sequence[str] = ()) -> Self:
+        """Pack a mapping of metrics, one buffer per dtype group (in or outside ``jit``).
+
+        Args:
+          values: ``{key: value}``; scalars (Python numbers, 0-d NumPy/JAX arrays,
+            traced or not) are packed, arrays with at least one dimension and every
+            value under a reserved key (``_``-prefixed, any pytree) are kept as they are.
+            The keys of the result are in the insertion order of ``values``.
+          penalties: the penalty names in pipeline order (static data).
+
+        Raises:
+          TypeError: ``values`` is not a mapping, a key is not a string, a value is not
+            an array or a number (outside reserved keys), or ``penalties`` is not a
+            sequence of strings.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> m = Metrics.pack({"total": jnp.float32(1.5), "pairwise_cosine": jnp.eye(2)})
+          >>> m.scalar_keys, m["pairwise_cosine"].shape
+          (('total',), (2, 2))
+        """
+        where = "penwatch.Metrics.pack"
+        if not isinstance(values, Mapping):
+            raise TypeError(
+                f"{where}: argument 'values' must be a mapping of string keys to metric "
+                f"values, got {_show(values)}"
+            )
+        penalties = _check_penalties(where, penalties)
+        builder = _Builder()
+        builder.scalars(where, values)
+        return builder.build(cls, penalties)
+
+    @classmethod
+    def from_columns(
+        cls,
+        columns: Sequence[tuple[Sequence[str], Any]],
+        *,
+        order: Sequence[str] | None = None,
+        penalties: Sequence[str] = (),
+    ) -> Self:
+        """Metrics from vectors: ``(keys, array)`` pairs, ``array[..., i]`` for ``keys[i]``.
+
+        The vectorized twin of :meth:`pack`: a column goes into its group's buffer in one
+        piece, so a pipeline computing every penalty's value, weighted value and weight
+        as vectors packs them with one concatenation (``pack`` of their elements would
+        slice and re-stack each one: one small kernel per metric on XLA:CPU).
+
+        Args:
+          columns: ``(keys, array)`` pairs; ``array`` is a real or boolean array whose
+            last axis has ``len(keys)`` entries. A key may appear in one column only.
+          order: the key order of the result (a permutation of all keys); default: the
+            columns' keys in turn.
+          penalties: the penalty names in pipeline order (static data).
+
+        Raises:
+          TypeError: a column is not a ``(keys, array)`` pair of string keys and a real
+            or boolean array.
+          ValueError: a column's length differs from its number of keys, a key repeats,
+            or ``order`` is not a permutation of the keys.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> v = jnp.array([0.5, 2.0])
+          >>> m = Metrics.from_columns([(["l1", "l2"], v), (["l1_finite", "l2_finite"],
+          ...                           jnp.isfinite(v))], order=["l1", "l1_finite", "l2",
+          ...                           "l2_finite"], penalties=["l1", "l2"])
+          >>> list(m), float(m["l2"]), len(m.buffers)
+          (['l1', 'l1_finite', 'l2', 'l2_finite'], 2.0, 2)
+        """
+        where = "penwatch.Metrics.from_columns"
+        penalties = _check_penalties(where, penalties)
+        builder = _Builder()
+        for column in columns:
+            if not (isinstance(column, tuple | list) and len(column) == 2):
+                raise TypeError(
+                    f"{where}: argument 'columns' must hold (keys, array) pairs, "
+                    f"got {_show(column)}"
+                )
+            keys, array = list(column[0]), column[1]
+            bad = [k for k in keys if not isinstance(k, str) or k.startswith("_")]
+            group = _group_of(getattr(array, "dtype", object))
+            if bad or not isinstance(array, (jax.Array, np.ndarray)) or group is None:
+                raise TypeError(
+                    f"{where}: argument 'columns' must hold (keys, array) pairs of metric "
+                    "names (strings not starting with '_') and a real or boolean array, "
+                    f"got keys {keys} and {_show(array)}"
+                )
+            if np.ndim(array) == 0 or array.shape[-1] != len(keys):
+                raise ValueError(
+                    f"{where}: column {keys} must have {len(keys)} entries along its last "
+                    f"axis, got {_show(array)}"
+                )
+            repeated = [k for k in keys if k in builder.entries or keys.count(k) > 1]
+            if repeated:
+                raise ValueError(f"{where}: keys {sorted(set(repeated))} appear more than once")
+            dtype = jax.dtypes.canonicalize_dtype(array.dtype)
+            builder.column(group, array, [dtype] * len(keys), keys)
+        if order is not None:
+            order = list(order)
+            if sorted(order) != sorted(builder.entries):
+                raise ValueError(
+                    f"{where}: option 'order' must be a permutation of the columns' keys "
+                    f"{list(builder.entries)}, got {order}"
+                )
+            builder.entries = {k: builder.entries[k] for k in order}
+        return builder.build(cls, penalties)
+
+    def merge(self, *others: Mapping[str, Any], penalties: Sequence[str] | None = None) -> Self:
+        """These metrics with ``others``' entries added (at the end) or replacing (in place).
+
+        The buffers of these metrics and of ``others`` that are :class:`Metrics` are
+        reused whole (one concatenation per dtype group); plain mappings are packed as
+        by :meth:`pack`. A replaced value stays in its buffer, unread.
+
+        Args:
+          *others: mappings or :class:`Metrics`, applied in turn.
+          penalties: the penalty order of the result; default: these penalties, then
+            those of ``others`` that are :class:`Metrics`, each name once.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> m = Metrics.pack({"total": jnp.float32(1.0)})
+          >>> m = m.merge({"loss": jnp.float32(2.0), "total": jnp.float32(3.0)})
+          >>> list(m), float(m["total"])
+          (['total', 'loss'], 3.0)
+        """
+        where = "penwatch.Metrics.merge"
+        builder = _Builder()
+        names = list(self.penalties)
+        for part in (self, *others):
+            if isinstance(part, Metrics):
+                part._into(builder)
+                names += [p for p in part.penalties if p not in names]
+            elif isinstance(part, Mapping):
+                builder.scalars(where, part)
+            else:
+                raise TypeError(f"{where}: arguments must be mappings, got {_show(part)}")
+        names = names if penalties is None else _check_penalties(where, penalties)
+        return builder.build(type(self), tuple(names))
+
+    def _into(self, builder: _Builder) -> None:
+        s = self._structure
+        layout: dict[int, list[tuple[str | None, np.dtype]]] = {
+            g: [(None, d)] * b.shape[-1]
+            for g, (d, b) in enumerate(zip(s.groups, self._buffers, strict=True))
+        }
+        for key, (group, position), dtype in zip(s.keys, s.slots, s.dtypes, strict=True):
+            if group < 0:
+                builder.entries[key] = (None, self._unpacked[position], None)
+            else:
+                builder.entries[key] = (None, None, None)  # its place in the order
+                layout[group][position] = (key, s.groups[group] if dtype is None else dtype)
+        for g, buffer in enumerate(self._buffers):
+            keys = [k for k, _ in layout[g]]
+            dtypes = [d for _, d in layout[g]]
+            builder.column(_group_of(s.groups[g]), buffer, dtypes, keys)  # type: ignore[arg-type]
+
+    # --- pytree protocol: buffers and unpacked values are children, keys are aux ---
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], _Structure]:
+        return (*self._buffers, *self._unpacked), self._structure
+
+    def tree_flatten_with_keys(self) -> tuple[list[tuple[Any, Any]], _Structure]:
+        s = self._structure
+        children = [
+            (jax.tree_util.GetAttrKey(f"buffers[{i}]"), b) for i, b in enumerate(self._buffers)
+        ]
+        children += [
+            (jax.tree_util.DictKey(k), v)
+            for k, v in zip(s.unpacked_keys, self._unpacked, strict=True)
+        ]
+        return children, s
+
+    @classmethod
+    def tree_unflatten(cls, structure: _Structure, children: Any) -> Self:
+        children = tuple(children)
+        n = len(structure.groups)
+        return cls._make(structure, children[:n], children[n:])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Metrics._make, (self._structure, self._buffers, self._unpacked))
+
+    # --- immutability ---------------------------------------------------------------
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("penwatch.Metrics is immutable; use dict(m) or m.merge({...})")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("penwatch.Metrics is immutable")
+
+    # --- the mapping ------------------------------------------------------------------
+
+    def __getitem__(self, key: str) -> Any:
+        s = self._structure
+        i = s.index.get(key) if isinstance(key, str) else None
+        if i is None:
+            raise KeyError(key)
+        group, position = s.slots[i]
+        if group < 0:
+            return self._unpacked[position]
+        buf = self._buffers[group]
+        if isinstance(buf, jax.Array) and not isinstance(buf, jax.core.Tracer):
+            return _take_jit(buf, position, s.dtypes[i])  # one small dispatch
+        return _take(buf, position, s.dtypes[i])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._structure.keys)
+
+    def __len__(self) -> int:
+        return len(self._structure.keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._structure.index
+
+    # --- packed views -----------------------------------------------------------------
+
+    @property
+    def penalties(self) -> tuple[str, ...]:
+        """Penalty names in pipeline order (static; ``()`` when not given)."""
+        return self._structure.penalties
+
+    @property
+    def scalar_keys(self) -> tuple[str, ...]:
+        """The packed keys, in key order."""
+        return self._structure.scalar_keys
+
+    @property
+    def buffers(self) -> tuple[Any, ...]:
+        """The packed buffers, one per dtype group present (float, bool, int order)."""
+        return self._buffers
+
+    @property
+    def reserved(self) -> Mapping[str, Any]:
+        """The reserved (``_``-prefixed, not metric) entries, unpacked, in key order."""
+        s = self._structure
+        by_key = dict(zip(s.unpacked_keys, self._unpacked, strict=True))
+        return {k: by_key[k] for k in s.reserved_keys}
+
+    @property
+    def arrays(self) -> Mapping[str, Any]:
+        """The non-scalar metric entries (e.g. ``pairwise_cosine``), unpacked."""
+        s = self._structure
+        return {
+            k: v
+            for k, v in zip(s.unpacked_keys, self._unpacked, strict=True)
+            if not k.startswith("_")
+        }
+
+    def scalars(self) -> dict[str, float]:
+        """Every packed value as a Python float, in key order (bools give 0.0/1.0).
+
+        Reads each buffer once (``np.asarray(buf).tolist()``: one device-to-host
+        transfer per buffer, waiting for the device); reserved and non-scalar entries
+        are left out. Buffers may be JAX or NumPy arrays, unbatched.
+
+        Raises:
+          TypeError: called on traced buffers (inside ``jit``).
+          ValueError: the buffers are batched (from ``vmap`` or stacking).
+        """
+        columns = []
+        for buf in self._buffers:
+            if isinstance(buf, jax.core.Tracer):
+                raise TypeError(
+                    "penwatch.Metrics.scalars: the buffers are traced (inside jit/vmap/"
+                    "grad); call it on the host, on the returned metrics"
+                )
+            host = np.asarray(buf)
+            if host.ndim != 1:
+                raise ValueError(
+                    "penwatch.Metrics.scalars: needs unbatched buffers (one value per "
+                    f"key), got a buffer of shape {host.shape}; index the batch first"
+                )
+            columns.append(host.tolist())
+        return {k: float(columns[g][p]) for k, g, p in self._structure.scalar_slots}
+
+    def __repr__(self) -> str:
+        s = self._structure
+        concrete = all(
+            isinstance(b, (jax.Array, np.ndarray))
+            and not isinstance(b, jax.core.Tracer)
+            and np.ndim(b) == 1
+            for b in self._buffers
+        )
+        if not concrete:
+            shapes = ", ".join(
+                f"{getattr(b, 'dtype', '?')}{list(getattr(b, 'shape', ()))}" for b in self._buffers
+            )
+            return (
+                f"Metrics(keys={list(s.keys)}, buffers=[{shapes}], penalties={list(s.penalties)})"
+            )
+        values = self.scalars()
+        parts = []
+        for key, (group, _) in zip(s.keys, s.slots, strict=True):
+            if group >= 0:
+                number = values[key]
+                text = repr(bool(number)) if s.groups[group] == np.bool_ else f"{number:.6g}"
+            else:
+                shape = getattr(self[key], "shape", None)
+                text = "<reserved>" if shape is None else f"<array {tuple(shape)}>"
+            parts.append(f"{key!r}: {text}")
+        return f"Metrics({{{', '.join(parts)}}}, penalties={list(s.penalties)})"
