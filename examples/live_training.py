@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             dispatched = time.time_ns()  # taken before dispatch: durations are device time
             new_state, metrics = step_fn(with_nan(state) if faulty else state, batches[step % 64])
             monitor.record(
-                step, metrics, loss=metrics["base_loss"], pipeline="demo",
-                dispatched_at_ns=dispatched,
+                step, metrics, pipeline="demo", dispatched_at_ns=dispatched,
             )  # fmt: skip
             state = new_state._replace(pipeline=state.pipeline) if faulty else new_state
     # Leaving the block flushed every sink and closed them.

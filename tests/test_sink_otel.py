@@ -57,7 +57,9 @@ def test_train_step_spans_attributes_times_and_nan(memory, monkeypatch, max_plan
         assert span.name == "penwatch.train_step"
         assert span.attributes["penwatch.run"] == "otel"
         assert span.attributes["penwatch.pipeline"] == "demo"
-        assert span.start_time == rec.dispatched_at_ns and span.end_time == rec.ready_at_ns
+        assert span.start_time == rec.started_at_ns and span.end_time == rec.ready_at_ns
+        assert span.start_time >= rec.dispatched_at_ns  # device time, not queueing
+        assert (span.end_time - span.start_time) / 1e9 == pytest.approx(rec.duration_seconds)
         assert span.attributes["penwatch.penalty.entropy.value"] == pytest.approx(
             rec.values["entropy"], nan_ok=True
         )

@@ -158,6 +158,14 @@ class StepRecord:
         return tuple(self.term(t) for t in self.terms)
 
     @property
+    def started_at_ns(self) -> int | None:
+        """Unix ns at which the step started on the device: ``max(d_i, r_{i-1})``
+        (``ready_at_ns`` minus the device time), the start of its span."""
+        if self.ready_at_ns is None or self.duration_seconds is None:
+            return self.dispatched_at_ns
+        return self.ready_at_ns - round(self.duration_seconds * 1e9)
+
+    @property
     def total(self) -> float | None:
         """The pipeline total (sum of weighted penalties), when recorded."""
         return self.values.get("total")

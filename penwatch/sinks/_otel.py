@@ -5,8 +5,9 @@ uses whatever provider the application installed (a no-op until then). ``penwatc
 demo`` configures the SDK with OTLP/HTTP from the standard ``OTEL_*`` variables.
 
 Each record becomes a span ``penwatch.train_step`` (a train step's metrics) or
-``penwatch.pipeline.compute`` whose start and end are the dispatch time and the time
-the worker saw the results ready (device time). The monitor opens the span before
+``penwatch.pipeline.compute`` spanning the step's device time: from
+``max(dispatch, previous step ready)`` to when the worker saw its results ready
+(SPEC section 6). The monitor opens the span before
 fanning out (:meth:`OpenTelemetry.begin_step`), so its trace id reaches the Prometheus
 histogram as an exemplar and alert events land on it.
 """
@@ -84,7 +85,7 @@ class OpenTelemetry(Sink):
     def _start(self, record: StepRecord) -> trace.Span:
         if self._tracer is None:
             raise RuntimeError("penwatch.sinks.OpenTelemetry: used before open")
-        start = record.dispatched_at_ns or int(record.wall_time * 1e9)
+        start = record.started_at_ns or int(record.wall_time * 1e9)
         attributes = {
             "penwatch.run": record.run,
             "penwatch.process": record.process,

@@ -83,7 +83,15 @@ DURATION_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 """Histogram buckets (seconds) of ``penwatch_pipeline_compute_duration_seconds``."""
 
-_DROP_REASONS = ("queue_full", "materialize_error", "invalid", "close_timeout")
+_DROP_REASONS = (
+    "queue_full",
+    "materialize_error",
+    "invalid",
+    "close_timeout",
+    "sink_overflow",
+    "sink_poison",
+    "sink_unfinished",
+)
 _LATEST_GAUGES = (
     "penwatch_step",
     "penwatch_last_step_timestamp_seconds",

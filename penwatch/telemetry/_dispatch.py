@@ -24,6 +24,7 @@ from penwatch.schema import (
     LEAF_COUNT_TOTAL,
     LEAF_COUNTS,
     Event,
+    Metrics,
     RunInfo,
     StepRecord,
     find_nonfinite,
@@ -31,15 +32,10 @@ from penwatch.schema import (
     leaf_reports,
 )
 from penwatch.sinks import Sink
-from penwatch.telemetry._delivery import SinkWorker
+from penwatch.telemetry._delivery import LOSS_REASONS, SinkWorker
 from penwatch.telemetry._intake import Intake, Item
 
 logger = logging.getLogger("penwatch.telemetry")
-
-try:  # TEMPORARY until pw.Metrics lands
-    from penwatch.schema import Metrics as _METRICS
-except ImportError:  # pragma: no cover
-    _METRICS = ()
 
 __all__ = ["DROP_REASONS", "Dispatch"]
 
@@ -85,6 +81,15 @@ class Dispatch:
             "invalid": self.invalid,
             "close_timeout": intake.abandoned if intake else 0,
         }
+
+    def losses(self) -> dict[str, int]:
+        """Every record lost so far, by reason: before the sinks (:data:`DROP_REASONS`)
+        and, summed over the sinks, ``sink_overflow``, ``sink_poison``,
+        ``sink_unfinished`` (the ``penwatch_telemetry_dropped_total`` reasons)."""
+        out = self.dropped()
+        for reason in LOSS_REASONS:
+            out[f"sink_{reason}"] = sum(w.lost[reason] for w in self.workers)
+        return out
 
     def wait_opened(self, timeout: float) -> None:
         """Wait (bounded) until every sink's first ``open`` returned, so that e.g.
@@ -170,7 +175,7 @@ class Dispatch:
             kind=kind,  # type: ignore[arg-type]
             dispatched_at_ns=item.dispatched_at_ns,
             ready_at_ns=item.ready_at_ns,
-            dropped=self.dropped(),
+            dropped=self.losses(),
         )
 
     def _drop_events(self, record: StepRecord) -> list[Event]:
@@ -246,7 +251,7 @@ def _host_values(
     read value by value (Python numbers as they are, arrays through one ``device_get``
     on accelerators); entries that are not real scalars (a pairwise matrix) are skipped.
     """
-    if isinstance(metrics, _METRICS):
+    if isinstance(metrics, Metrics):
         return metrics.scalars(), metrics.reserved, metrics.penalties
     values: dict[str, Any] = {}
     reserved: dict[str, Any] = {}

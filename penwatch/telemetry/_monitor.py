@@ -24,7 +24,7 @@ import numpy as np
 from penwatch import _checks
 from penwatch._version import __version__
 from penwatch.alerts import Alert, NonFinite
-from penwatch.schema import RunInfo, RunStatus
+from penwatch.schema import Metrics, RunInfo, RunStatus
 from penwatch.sinks import Sink
 from penwatch.telemetry import _signals
 from penwatch.telemetry._delivery import SinkStats
@@ -219,7 +219,7 @@ class Monitor:
                     )
                 )
             )  # fmt: skip
-        payload = metrics if type(metrics).__name__ == "Metrics" else dict(metrics)
+        payload = metrics if isinstance(metrics, Metrics) else dict(metrics)
         if payload is not metrics:
             for key in payload:
                 if not isinstance(key, str):
