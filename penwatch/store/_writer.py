@@ -99,6 +99,7 @@ class StoreWriter:
         self._finished: dict[tuple[str, int], tuple[str, float]] = {}
         self._run_ids: dict[tuple[str, int], int] = {}
         self._series_ids: dict[tuple[int, str, str], int] = {}
+        self._layout_sids: dict[tuple[int, str, Any], list[int]] = {}
         self._pending: collections.deque[StepRecord | Event] = collections.deque()
         self._pending_ids: set[int] = set()
         self._lost: dict[tuple[str, int], _Lost] = {}
@@ -256,6 +257,7 @@ class StoreWriter:
             self._conn = None
         self._run_ids.clear()
         self._series_ids.clear()
+        self._layout_sids.clear()
 
     def _write_heartbeat(self, conn: sqlite3.Connection) -> None:
         now = time.time()
@@ -291,6 +293,7 @@ class StoreWriter:
             self.recreated += 1
             self._run_ids.clear()
             self._series_ids.clear()
+            self._layout_sids.clear()
             now = time.time()
             for run, process in self._infos:
                 self._notes.append(
@@ -407,15 +410,22 @@ class StoreWriter:
                 continue
             run_id = self._run_id(conn, item.run, item.process, item.wall_time)
             row = step_row(run_id, item)
-            items = list(item.values.items())
-            items += [(k, v) for k, v in zip(STEP_KEYS, row[4:8], strict=True) if v is not None]
-            for key, value in items:
-                sid = self._series_ids.get((run_id, item.pipeline, key))
-                if sid is None:
-                    sid = self._series_id(conn, run_id, item, key)
-                sids.append(sid)
-                vals.append(value)
-            steps.extend([item.step] * len(items))
+            # series ids of a record's keys, resolved once per layout (not per key)
+            layout_sids = self._layout_sids.get((run_id, item.pipeline, item.layout))
+            if layout_sids is None:
+                if len(self._layout_sids) >= 1024:  # keys that change every step
+                    self._layout_sids.clear()
+                layout_sids = [self._sid(conn, run_id, item, key) for key in item.values]
+                self._layout_sids[(run_id, item.pipeline, item.layout)] = layout_sids
+            sids.extend(layout_sids)
+            vals.extend(item.values.values())
+            n = len(layout_sids)
+            for key, value in zip(STEP_KEYS, row[4:8], strict=True):
+                if value is not None:
+                    sids.append(self._sid(conn, run_id, item, key))
+                    vals.append(value)
+                    n += 1
+            steps.extend([item.step] * n)
             step_rows.append(row)
             prev = last_step.get(run_id)
             last_step[run_id] = (max(item.step, prev[0]) if prev else item.step, item.wall_time)
@@ -436,6 +446,10 @@ class StoreWriter:
                 " last_step = max(coalesce(last_step, ?), ?) WHERE id = ?",
                 (wall, step, step, run_id),
             )
+
+    def _sid(self, conn: sqlite3.Connection, run_id: int, record: StepRecord, key: str) -> int:
+        sid = self._series_ids.get((run_id, record.pipeline, key))
+        return self._series_id(conn, run_id, record, key) if sid is None else sid
 
     def _series_id(
         self, conn: sqlite3.Connection, run_id: int, record: StepRecord, key: str

@@ -125,6 +125,7 @@ class SinkWorker:
         self.received = self.written = self.errors = 0
         self.events_written = self.events_lost = 0
         self.lost = dict.fromkeys(LOSS_REASONS, 0)
+        self.loss_version = 0  # grows with every loss (the dispatcher's cache key)
         self._opened = False
         self._failures = 0
         self._retry_at = 0.0
@@ -153,6 +154,27 @@ class SinkWorker:
                 self._lose(old, "overflow")
                 self._gap.add(old)
             if len(self._queue) == 1 or len(self._queue) >= self.batch_size:
+                self._wake.notify()
+
+    def put_many(self, items: list[StepRecord | Event]) -> None:
+        """Queue several records and events in order, under one lock."""
+        with self._lock:
+            before = len(self._queue)
+            for item in items:
+                if isinstance(item, StepRecord):
+                    self.received += 1
+                if self._sealed:
+                    self._lose(item, "unfinished")
+                    continue
+                if not self._queue:
+                    self._queued_since = time.monotonic()
+                self._queue.append(item)
+            while len(self._queue) > self.max_pending:
+                old = self._queue.popleft()
+                self._lose(old, "overflow")
+                self._gap.add(old)
+            after = len(self._queue)
+            if before == 0 < after or before < self.batch_size <= after:
                 self._wake.notify()
 
     def flush(self, timeout: float | None) -> bool:
@@ -208,6 +230,7 @@ class SinkWorker:
 
     def _lose(self, item: StepRecord | Event, reason: str) -> None:
         # Caller holds the lock.
+        self.loss_version += 1
         if isinstance(item, StepRecord):
             self.lost[reason] += 1
         else:

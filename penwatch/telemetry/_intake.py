@@ -56,18 +56,21 @@ class Intake:
     """Bounded drop-oldest queue served in order by a ready thread and a dispatch thread.
 
     Args:
-      handle: called on the dispatch thread with each record :class:`Item`.
+      handle: called on the dispatch thread with each batch of ready records (a list of
+        :class:`Item`, in order).
       max_queue: records held at most (both stages together).
       name: thread name prefix.
     """
 
     def __init__(
-        self, *, handle: Callable[[Item], None], max_queue: int, name: str = "penwatch"
+        self, *, handle: Callable[[list[Item]], None], max_queue: int, name: str = "penwatch"
     ) -> None:
         self._handle = handle
         self._max_queue = max_queue
         self._cond = threading.Condition()  # guards both deques; wakes the ready thread
         self._ready_cond = threading.Condition(self._cond._lock)  # wakes the dispatcher
+        self._ready_markers = 0  # flush/stop markers in the ready deque
+        self._ready_since = 0.0  # when the oldest ready item arrived
         self._incoming: collections.deque[Item] = collections.deque()
         self._ready: collections.deque[Item] = collections.deque()
         self._pending = 0  # records (not markers) in both deques
@@ -212,8 +215,16 @@ class Intake:
                     continue
                 if item.marker is None:
                     self._pending += 1
+                else:
+                    self._ready_markers += 1
+                if not self._ready:
+                    self._ready_since = time.monotonic()
                 self._ready.append(item)
-                self._ready_cond.notify()
+                # The dispatcher takes records in batches (fewer wake-ups competing with
+                # the training thread for the GIL): the first record starts the batch's
+                # timer, markers and full batches wake it at once.
+                if item.marker is not None or len(self._ready) in (1, DISPATCH_BATCH):
+                    self._ready_cond.notify()
             if item.marker == "stop":
                 return
 
@@ -221,29 +232,55 @@ class Intake:
         _lower_priority()
         while True:
             with self._cond:
-                while not self._ready:
-                    self._ready_cond.wait()
+                while True:
+                    if self._ready and (
+                        self._ready_markers
+                        or len(self._ready) >= DISPATCH_BATCH
+                        or time.monotonic() - self._ready_since >= DISPATCH_DELAY
+                    ):
+                        break
+                    timeout = None
+                    if self._ready:
+                        timeout = DISPATCH_DELAY - (time.monotonic() - self._ready_since)
+                    self._ready_cond.wait(timeout)
                 batch = list(self._ready)
                 self._ready.clear()
+                self._ready_markers = 0
+            records: list[Item] = []
             for item in batch:
-                if item.marker is not None:
-                    if item.done is not None:
-                        item.done.set()
-                    if item.marker == "stop":
-                        return
+                if item.marker is None:
+                    records.append(item)
                     continue
-                with self._cond:
-                    if self._sealed:
-                        continue
-                    self._pending -= 1
-                try:
-                    self._handle(item)
-                except Exception:  # never let the dispatch thread die
-                    logger.exception("penwatch telemetry: internal error dispatching a record")
-                # Free the device arrays here and now: arrays still referenced when close()
-                # returns would be freed while the interpreter exits, which aborts it.
-                item.payload = None
+                self._dispatch(records)  # everything before the marker first
+                records = []
+                if item.done is not None:
+                    item.done.set()
+                if item.marker == "stop":
+                    return
+            self._dispatch(records)
 
+    def _dispatch(self, records: list[Item]) -> None:
+        if not records:
+            return
+        with self._cond:
+            if self._sealed:
+                return  # counted as abandoned by seal()
+            self._pending -= len(records)
+        try:
+            self._handle(records)
+        except Exception:  # never let the dispatch thread die
+            logger.exception("penwatch telemetry: internal error dispatching records")
+        # Free the device arrays here and now: arrays still referenced when close()
+        # returns would be freed while the interpreter exits, which aborts it.
+        for item in records:
+            item.payload = None
+
+
+DISPATCH_BATCH = 32
+"""Ready records that wake the dispatcher at once."""
+
+DISPATCH_DELAY = 0.02
+"""Seconds a ready record waits at most for the dispatcher (a batch's timer)."""
 
 WORKER_NICE = 10
 """Niceness added to the telemetry threads (Linux): telemetry yields the CPU to training."""
