@@ -1,16 +1,17 @@
 """Monitor overhead (SPEC section 9): an instrumented train step vs the same step bare.
 
-The step: penwatch's jitted ``build_train_step`` for an MLP ``256 -> 512 -> 512 -> 10``
-(tanh) on a batch of 256, Adam, a MultiPipeline of three penalties on the model
+The step: penwatch's jitted ``build_train_step`` for an MLP ``256 -> W -> W -> 10``
+(tanh), W=512 on a batch of 256 (a ~10 ms step here, bar 1.02x) and W=128 on a batch of
+64 (a ~1.5 ms step, bar 1.05x), Adam, a MultiPipeline of three penalties on the model
 (entropy of the predictions, output magnitude of the logits, orthogonality of the
-second layer's 512x512 weight) plus L1 and L2 parameter terms: five penalties, ~25
+second layer's WxW weight) plus L1 and L2 parameter terms: five penalties, ~25
 metrics and the per-leaf NaN/Inf counts per step.
 
 Instrumented: every step's metrics go to ``monitor.record`` with Prometheus (serving
 ``/metrics``), the SQLite store and OpenTelemetry (SDK ``TracerProvider`` with a
 ``BatchSpanProcessor`` and an in-memory exporter). Each run is 200 steps, timed from the
 first dispatch until the last state is ready; bare and instrumented runs alternate
-(A/B/A/B...), and the median of the per-pair ratios must be <= 1.05. The process CPU
+(A/B/A/B...), and the median of the per-pair ratios must be within the bar. The process CPU
 time ratio (training plus telemetry threads, close included) is printed as well: on a
 shared machine it is a steadier view of what the telemetry costs. ``close()`` (which
 drains the queue and flushes every sink) must return within 0.5 s.
@@ -37,12 +38,14 @@ from benchmarks._harness import Report
 from penwatch.diagnostics import l1_term, l2_term
 
 STEPS, PAIRS = 200, 41
-D_IN, WIDTH, N_OUT, BATCH = 256, 512, 10, 256
+D_IN, N_OUT = 256, 10
+SIZES = {"~10 ms": (512, 256, 1.02), "~1.5 ms": (128, 64, 1.05)}
+"""Step label -> (hidden width, batch, overhead bar): SPEC section 9's two step sizes."""
 
 
-def _params(key: jax.Array) -> dict[str, Any]:
+def _params(key: jax.Array, width: int) -> dict[str, Any]:
     ks = jax.random.split(key, 3)
-    sizes = [(D_IN, WIDTH), (WIDTH, WIDTH), (WIDTH, N_OUT)]
+    sizes = [(D_IN, width), (width, width), (width, N_OUT)]
     return {
         f"layer{i}": {"w": jax.random.normal(k, s) / np.sqrt(s[0]), "b": jnp.zeros(s[1])}
         for i, (k, s) in enumerate(zip(ks, sizes, strict=True))
@@ -123,12 +126,17 @@ def _instrumented(
 
 
 def run(report: Report) -> None:
+    for label, (width, batch, bar) in SIZES.items():
+        _run_size(report, label, width, batch, bar)
+
+
+def _run_size(report: Report, label: str, width: int, batch_size: int, bar: float) -> None:
     init_fn, step_fn = _build()
-    state = init_fn(_params(jax.random.PRNGKey(0)))
+    state = init_fn(_params(jax.random.PRNGKey(0), width))
     rng = np.random.default_rng(0)
     batch = (
-        jnp.asarray(rng.normal(size=(BATCH, D_IN)), jnp.float32),
-        jnp.asarray(rng.integers(0, N_OUT, size=BATCH), jnp.int32),
+        jnp.asarray(rng.normal(size=(batch_size, D_IN)), jnp.float32),
+        jnp.asarray(rng.integers(0, N_OUT, size=batch_size), jnp.int32),
     )
     jax.block_until_ready(step_fn(state, batch))  # compile
     _bare(step_fn, state, batch)  # warm up both paths once
@@ -144,18 +152,19 @@ def run(report: Report) -> None:
             closes.append(closing)
             bare_times.append(bare)
     step_ms = statistics.median(bare_times) / STEPS * 1e3
-    print(f"  bare step: {step_ms:.2f} ms; ratios {[round(r, 3) for r in ratios]}")
+    print(f"  bare step ({label}): {step_ms:.2f} ms; ratios {[round(r, 3) for r in ratios]}")
     ratio = statistics.median(ratios)
     report.add(
-        "monitor overhead (200 steps, Prometheus+SQLite+OTel, every metric every step)",
+        f"monitor overhead, {step_ms:.1f} ms step (200 steps, Prometheus+SQLite+OTel, every "
+        "metric every step)",
         ratio,
-        bar="<= 1.05x",
-        passed=ratio <= 1.05,
+        bar=f"<= {bar}x",
+        passed=ratio <= bar,
     )
     report.add(
-        "monitor CPU time (process, incl. worker and close) / bare",
+        f"monitor CPU time (process, incl. worker and close) / bare, {step_ms:.1f} ms step",
         statistics.median(cpu_ratios),
     )
     worst_close = max(closes)
-    report.add("monitor close() incl. flush (worst run)", worst_close, unit="s", bar="<= 0.5 s",
-               passed=worst_close <= 0.5)  # fmt: skip
+    report.add(f"monitor close() incl. flush (worst run), {step_ms:.1f} ms step", worst_close,
+               unit="s", bar="<= 0.5 s", passed=worst_close <= 0.5)  # fmt: skip

@@ -306,3 +306,41 @@ def test_record_rejects_a_non_mapping():
         ),
     ):
         monitor.record(0, [1.0])
+
+
+class _CountingLeaf:
+    """A leaf count whose reads are counted (a stand-in for a device scalar)."""
+
+    reads = 0
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        type(self).reads += 1
+        return np.asarray(self.value, dtype=dtype)
+
+    def __int__(self) -> int:
+        type(self).reads += 1
+        return self.value
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["Metrics", "dict"])
+def test_leaf_counts_are_read_only_when_the_in_step_total_is_non_zero(packed):
+    # docs/ARCHITECTURE.md: the monitor reads the per-leaf tree only when the total > 0.
+    _CountingLeaf.reads = 0
+    records: list = []
+
+    def metrics(total: int) -> dict:
+        leaf = {"params": {"['w']": (_CountingLeaf(total), _CountingLeaf(0))}}
+        values = {"l1": 1.0, "l1_weight": 1.0, "_leaf_nonfinite": leaf}
+        values["_leaf_nonfinite_count"] = jnp.int32(total)
+        return pw.Metrics.pack(values) if packed else values
+
+    with pw.Monitor("leaves", sinks=[pw.sinks.Callback(records.append)], alerts=[]) as monitor:
+        for step in range(20):
+            monitor.record(step, metrics(0))
+        monitor.record(20, metrics(3))
+    assert _CountingLeaf.reads == 2  # the two counts of the one bad step, nothing else
+    assert [r.leaves for r in records[:20]] == [()] * 20
+    assert records[20].leaves[0].nan_count == 3

@@ -63,7 +63,6 @@ class SQLite(Sink):
             path,
             batch_size=batch_size,
             flush_interval=flush_interval,
-            max_pending=max_pending,
             busy_timeout=busy_timeout,
         )
         self.path = self.writer.path

@@ -1,12 +1,14 @@
-"""Batched, failure-tolerant writes to the SQLite run store.
+"""Transactional writes to the SQLite run store.
 
-:class:`StoreWriter` buffers step records and events in memory and commits them in one
-transaction per flush (``flush()``, or automatically every ``batch_size`` records or
-``flush_interval`` seconds). A failed commit (read-only file, disk full, database locked,
-directory gone) is rolled back and raised as :class:`StoreUnavailableError`, and the
-records **stay buffered** for the next attempt. The buffer is bounded (``max_pending``):
-past the bound the oldest records are dropped, counted, logged once per outage, and a
-``store_records_dropped`` event saying what was lost is written when the store works again.
+:meth:`StoreWriter.write` commits a batch of step records and events in one transaction;
+it is what ``pw.sinks.SQLite`` calls, whose outage buffer is the monitor's per-sink
+delivery worker (one buffer, sized by the user: this module keeps none). A commit that
+cannot happen now (read-only file, disk full, database locked, directory gone) is rolled
+back and raised as :class:`StoreUnavailableError`; any other failure (a value SQLite
+cannot bind) is rolled back and raised as it is, for the caller to isolate the record.
+For scripts and tests, :meth:`StoreWriter.add_step` / :meth:`~StoreWriter.add_event`
+buffer records and commit every ``batch_size`` records or ``flush_interval`` seconds
+(and on :meth:`~StoreWriter.flush`); after a failed commit the records stay buffered.
 
 A store file deleted while the writer runs is detected at the next flush (the path no
 longer exists or is a different file): the writer opens a fresh store at the same path
@@ -17,7 +19,6 @@ longer exists or is a different file): the writer opens a fresh store at the sam
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import logging
 import math
@@ -40,24 +41,6 @@ logger = logging.getLogger(__name__)
 _WRITABLE_STATUSES = tuple(s for s in RUN_STATUSES if s != "crashed")  # crashed: a verdict
 
 
-@dataclasses.dataclass
-class _Lost:
-    """What the bounded buffer dropped for one run during an outage."""
-
-    steps: int = 0
-    events: int = 0
-    first_step: int | None = None
-    last_step: int | None = None
-
-    def add(self, step: int, *, is_event: bool) -> None:
-        if is_event:
-            self.events += 1
-        else:
-            self.steps += 1
-        self.first_step = step if self.first_step is None else min(self.first_step, step)
-        self.last_step = step if self.last_step is None else max(self.last_step, step)
-
-
 class StoreWriter:
     """Writes runs, step records and events to a store file, in batches.
 
@@ -68,8 +51,6 @@ class StoreWriter:
       batch_size: commit automatically once this many records are buffered.
       flush_interval: commit automatically when a record arrives this many seconds after
         the last commit (so a live dashboard sees data within about this delay).
-      max_pending: most records (steps + events) kept while the store cannot be written;
-        beyond it the oldest are dropped and reported.
       busy_timeout: seconds to wait for a lock held by another connection.
     """
 
@@ -79,19 +60,16 @@ class StoreWriter:
         *,
         batch_size: int = 512,
         flush_interval: float = 0.5,
-        max_pending: int = 100_000,
         busy_timeout: float = 5.0,
     ) -> None:
-        for name, value in (("batch_size", batch_size), ("max_pending", max_pending)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"StoreWriter: {name} must be an int >= 1, got {value!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"StoreWriter: batch_size must be an int >= 1, got {batch_size!r}")
         for name, value in (("flush_interval", flush_interval), ("busy_timeout", busy_timeout)):
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"StoreWriter: {name} must be a finite number >= 0, got {value!r}")
         self.path = pathlib.Path(path)
         self.batch_size = batch_size
         self.flush_interval = float(flush_interval)
-        self.max_pending = max_pending
         self.busy_timeout = float(busy_timeout)
         self._conn: sqlite3.Connection | None = None
         self._file_id: tuple[int, int] | None = None
@@ -102,15 +80,11 @@ class StoreWriter:
         self._layout_sids: dict[tuple[int, str, Any], list[int]] = {}
         self._pending: collections.deque[StepRecord | Event] = collections.deque()
         self._pending_ids: set[int] = set()
-        self._lost: dict[tuple[str, int], _Lost] = {}
         self._notes: list[Event] = []
         self._last_flush = time.monotonic()
         self._failing = False
         self._heartbeat = False
-        self._lost_logged = False
         self._last_step: dict[tuple[str, int], int] = {}
-        self.dropped = 0
-        """Records dropped because the buffer bound was hit (cumulative)."""
         self.recreated = 0
         """Times the store file vanished and was recreated."""
 
@@ -153,28 +127,11 @@ class StoreWriter:
             self._last_step[key] = max(item.step, self._last_step.get(key, item.step))
             self._pending.append(item)
             self._pending_ids.add(id(item))
-            while len(self._pending) > self.max_pending:
-                self._drop_oldest()
         due = len(self._pending) >= self.batch_size or (
             time.monotonic() - self._last_flush >= self.flush_interval
         )
         if due:
             self.flush()
-
-    def _drop_oldest(self) -> None:
-        old = self._pending.popleft()
-        self._pending_ids.discard(id(old))
-        lost = self._lost.setdefault((old.run, old.process), _Lost())
-        lost.add(old.step, is_event=isinstance(old, Event))
-        if not self._lost_logged:
-            logger.warning(
-                "penwatch store %s: cannot write and %d records are buffered; dropping the "
-                "oldest (a 'store_records_dropped' event will say how many when it recovers)",
-                self.path,
-                self.max_pending,
-            )
-            self._lost_logged = True
-        self.dropped += 1
 
     # --- committing ------------------------------------------------------------------
 
@@ -182,8 +139,8 @@ class StoreWriter:
         """Commit everything buffered in one transaction.
 
         Raises:
-          StoreUnavailableError: the store could not be written; nothing was lost, the
-            records stay buffered (up to ``max_pending``) for the next flush.
+          StoreUnavailableError: the store could not be written; the records stay
+            buffered for the next flush.
         """
         self._last_flush = time.monotonic()
         batch = list(self._pending)
@@ -238,7 +195,7 @@ class StoreWriter:
             self._failing = True
             raise StoreUnavailableError(
                 f"penwatch store {str(self.path)!r}: write failed ({exc}); "
-                f"{len(self._pending)} records kept for retry, {self.dropped} dropped so far"
+                f"{len(self._pending)} buffered records kept for retry"
             ) from exc
         except BaseException:
             self._reset()  # a record SQLite cannot take: ids of the rollback are void
@@ -249,7 +206,6 @@ class StoreWriter:
         if self._failing:
             logger.warning("penwatch store %s: writing again", self.path)
         self._failing = False
-        self._lost_logged = False
 
     def _reset(self) -> None:
         if self._conn is not None:
@@ -355,27 +311,6 @@ class StoreWriter:
             )
 
     def _write_notes(self, conn: sqlite3.Connection) -> None:
-        for (run, process), lost in self._lost.items():
-            message = (
-                f"{lost.steps} step records and {lost.events} events (steps "
-                f"{lost.first_step}..{lost.last_step}) were dropped while the store could not "
-                f"be written (buffer bound {self.max_pending})"
-            )
-            self._notes.append(
-                Event(
-                    run,
-                    process,
-                    lost.last_step or 0,
-                    time.time(),
-                    "info",
-                    "store_records_dropped",
-                    message,
-                    severity="warning",
-                    attributes=dataclasses.asdict(lost),
-                )
-            )
-            logger.warning("penwatch store %s: %s (run %s/%d)", self.path, message, run, process)
-        self._lost.clear()
         for note in self._notes:
             self._insert_event(conn, note)
 

@@ -22,7 +22,6 @@ failing sink never delays another sink or the training step.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import threading
 import time
@@ -30,57 +29,17 @@ from typing import Any
 
 from penwatch.schema import Event, RunInfo, RunStatus, StepRecord
 from penwatch.sinks import Sink, SinkUnavailable
+from penwatch.telemetry._gaps import Gap
+from penwatch.telemetry._stats import LOSS_REASONS, SinkStats
 
 logger = logging.getLogger("penwatch.telemetry")
 
-__all__ = ["LOSS_REASONS", "SinkStats", "SinkWorker", "is_outage"]
-
-LOSS_REASONS = ("overflow", "poison", "unfinished")
-"""Why a sink lost a record: its buffer overflowed, the record could not be written,
-or it was still buffered or in flight when ``close`` stopped waiting."""
+__all__ = ["LOSS_REASONS", "SinkWorker", "is_outage"]
 
 
 def is_outage(exc: BaseException) -> bool:
     """Whether an exception means "cannot write now" (retry) rather than a bad record."""
     return isinstance(exc, SinkUnavailable | OSError)
-
-
-@dataclasses.dataclass(frozen=True)
-class SinkStats:
-    """One sink's delivery counters (step records; events are counted apart).
-
-    ``received == written + sum(lost.values()) + pending`` always; ``pending`` is 0
-    after ``close``.
-    """
-
-    name: str
-    received: int
-    written: int
-    lost: dict[str, int]
-    pending: int
-    errors: int
-    events_written: int
-    events_lost: int
-    healthy: bool
-
-
-@dataclasses.dataclass
-class _Gap:
-    """Steps dropped by overflow since the sink last wrote, reported as one event."""
-
-    count: int = 0
-    events: int = 0
-    first_step: int | None = None
-    last_step: int | None = None
-
-    def add(self, item: StepRecord | Event) -> None:
-        if isinstance(item, StepRecord):
-            self.count += 1
-        else:
-            self.events += 1
-        step = item.step
-        self.first_step = step if self.first_step is None else min(self.first_step, step)
-        self.last_step = step if self.last_step is None else max(self.last_step, step)
 
 
 class SinkWorker:
@@ -121,7 +80,7 @@ class SinkWorker:
         self._closing: tuple[RunStatus, threading.Event] | None = None
         self._sealed = False
         self._force = False
-        self._gap = _Gap()
+        self._gap = Gap()
         self.received = self.written = self.errors = 0
         self.events_written = self.events_lost = 0
         self.lost = dict.fromkeys(LOSS_REASONS, 0)
@@ -140,24 +99,11 @@ class SinkWorker:
 
     def put(self, item: StepRecord | Event) -> None:
         """Queue a record or event; drops the oldest (counted) when the buffer is full."""
-        with self._lock:
-            if isinstance(item, StepRecord):
-                self.received += 1
-            if self._sealed:
-                self._lose(item, "unfinished")
-                return
-            if not self._queue:
-                self._queued_since = time.monotonic()
-            self._queue.append(item)
-            while len(self._queue) > self.max_pending:
-                old = self._queue.popleft()
-                self._lose(old, "overflow")
-                self._gap.add(old)
-            if len(self._queue) == 1 or len(self._queue) >= self.batch_size:
-                self._wake.notify()
+        self.put_many([item])
 
     def put_many(self, items: list[StepRecord | Event]) -> None:
-        """Queue several records and events in order, under one lock."""
+        """Queue records and events in order, under one lock; past ``max_pending`` the
+        oldest are dropped, counted as ``overflow`` and remembered for the gap event."""
         with self._lock:
             before = len(self._queue)
             for item in items:
@@ -172,7 +118,7 @@ class SinkWorker:
             while len(self._queue) > self.max_pending:
                 old = self._queue.popleft()
                 self._lose(old, "overflow")
-                self._gap.add(old)
+                self._gap.add(old.step, event=isinstance(old, Event))
             after = len(self._queue)
             if before == 0 < after or before < self.batch_size <= after:
                 self._wake.notify()
@@ -301,10 +247,20 @@ class SinkWorker:
     def _deliver(self, batch: list[StepRecord | Event]) -> None:
         if not self._ensure_open():
             return
-        gap = self._take_gap()
-        if gap is not None and not self._call("write_event", gap):
-            self._restore_gap(gap)
-            return
+        with self._lock:
+            gap, self._gap = self._gap, Gap()
+        if gap:
+            event = gap.event(
+                self.info,
+                at=gap.last_step or 0,
+                sink=self.name,
+                reason="overflow",
+                why=f"its outage buffer (max_pending={self.max_pending}) overflowed",
+            )
+            if not self._call("write_event", event):
+                with self._lock:
+                    self._gap.merge(gap)
+                return
         # Runs of steps go as one write_steps call (one transaction for the store),
         # events one by one, in order; each chunk leaves the queue once written, so a
         # retry after a failure never writes it twice.
@@ -386,44 +342,6 @@ class SinkWorker:
                     self.events_written += 1
             for item in poison:
                 self._lose(item, "poison")
-
-    def _take_gap(self) -> Event | None:
-        with self._lock:
-            gap, self._gap = self._gap, _Gap()
-        if not gap.count and not gap.events:
-            return None
-        return Event(
-            run=self.info.run,
-            process=self.info.process,
-            step=gap.last_step or 0,
-            wall_time=time.time(),
-            kind="info",
-            name="records_dropped",
-            message=(
-                f"{gap.count} step records and {gap.events} events (steps {gap.first_step}.."
-                f"{gap.last_step}) were dropped by sink {self.name}: its outage buffer "
-                f"(max_pending={self.max_pending}) overflowed"
-            ),
-            severity="warning",
-            attributes={
-                "sink": self.name,
-                "reason": "overflow",
-                "count": gap.count,
-                "events": gap.events,
-                "first_step": gap.first_step,
-                "last_step": gap.last_step,
-            },
-        )
-
-    def _restore_gap(self, event: Event) -> None:
-        attrs = event.attributes
-        with self._lock:
-            gap = self._gap
-            gap.count += attrs["count"]
-            gap.events += attrs["events"]
-            for step in (attrs["first_step"], attrs["last_step"]):
-                gap.first_step = step if gap.first_step is None else min(gap.first_step, step)
-                gap.last_step = step if gap.last_step is None else max(gap.last_step, step)
 
     def _ensure_open(self) -> bool:
         if self._opened:

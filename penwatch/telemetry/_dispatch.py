@@ -32,8 +32,10 @@ from penwatch.schema import (
     leaf_reports,
 )
 from penwatch.sinks import Sink
-from penwatch.telemetry._delivery import LOSS_REASONS, SinkWorker
+from penwatch.telemetry._delivery import SinkWorker
+from penwatch.telemetry._gaps import Gap
 from penwatch.telemetry._intake import Intake, Item
+from penwatch.telemetry._stats import LOSS_REASONS
 
 logger = logging.getLogger("penwatch.telemetry")
 
@@ -168,7 +170,9 @@ class Dispatch:
         metrics, loss, step = item.payload
         values, reserved, penalties = _host_values(metrics)
         leaf_counts = None
-        count = values.pop(LEAF_COUNT_TOTAL, None)
+        count = reserved.get(LEAF_COUNT_TOTAL)
+        if count is not None:
+            count = _scalar(_materialize(count))
         tree = reserved.get(LEAF_COUNTS)
         if tree is not None and (count is None or count > 0):
             # the per-leaf counts are read only when the in-step total says one is bad
@@ -212,30 +216,12 @@ class Dispatch:
         with intake._cond:  # the training thread appends under this lock
             steps, intake.dropped_steps = intake.dropped_steps, []
             count, self._reported_drops = intake.dropped - self._reported_drops, intake.dropped
-        steps = steps or [record.step]
-        return [
-            Event(
-                run=record.run,
-                process=record.process,
-                step=record.step,
-                wall_time=record.wall_time,
-                kind="info",
-                name="records_dropped",
-                message=(
-                    f"{count} step records (steps {min(steps)}..{max(steps)}) were "
-                    "dropped by the monitor: its queue (max_queue) was full"
-                ),
-                severity="warning",
-                attributes={
-                    "sink": None,
-                    "reason": "queue_full",
-                    "count": count,
-                    "events": 0,
-                    "first_step": min(steps),
-                    "last_step": max(steps),
-                },
-            )
-        ]
+        gap = Gap()
+        for step in steps:
+            gap.add(step)
+        gap.count = count  # records whose step was a device scalar have no step here
+        why = "its queue (max_queue) was full"
+        return [gap.event(self.info, at=record.step, sink=None, reason="queue_full", why=why)]
 
     def evaluate(self, record: StepRecord) -> list[Event]:
         events: list[Event] = []
@@ -297,9 +283,6 @@ def _host_values(
             number = _scalar(value)
             if number is not None:
                 values[key] = number
-    count = reserved.get(LEAF_COUNT_TOTAL)
-    if count is not None:
-        values[LEAF_COUNT_TOTAL] = _scalar(_materialize(count))
     return values, reserved, None
 
 

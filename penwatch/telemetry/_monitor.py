@@ -10,7 +10,6 @@ evaluates the alerts and hands it to every sink's own delivery worker
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import logging
 import threading
 import time
@@ -27,9 +26,9 @@ from penwatch.alerts import Alert, NonFinite
 from penwatch.schema import Metrics, RunInfo, RunStatus
 from penwatch.sinks import Sink
 from penwatch.telemetry import _signals
-from penwatch.telemetry._delivery import SinkStats
 from penwatch.telemetry._dispatch import Dispatch
 from penwatch.telemetry._intake import Intake, Item
+from penwatch.telemetry._stats import MonitorStats
 
 logger = logging.getLogger("penwatch.telemetry")
 
@@ -38,41 +37,6 @@ __all__ = ["Monitor", "MonitorStats"]
 _FN = "penwatch.Monitor"
 _LIVE: weakref.WeakSet[Monitor] = weakref.WeakSet()
 _INT64 = (-(2**63), 2**63 - 1)
-
-
-@dataclasses.dataclass(frozen=True)
-class MonitorStats:
-    """Counters of a monitor: what was recorded, and where every record went.
-
-    For every sink ``s``: ``recorded == sum(dropped.values()) + sinks[s].received`` and
-    ``sinks[s].received == sinks[s].written + sum(sinks[s].lost.values()) +
-    sinks[s].pending`` (``pending`` is 0 after ``close``): every record is written or
-    counted as lost, by reason.
-
-    Attributes:
-      recorded: ``record`` calls accepted on the training thread.
-      processed: records parsed and handed to the sinks.
-      dropped: records lost before any sink saw them, by reason: ``queue_full`` (the
-        bounded queue overflowed; the oldest went), ``materialize_error`` (the arrays
-        could not be read, e.g. donated buffers), ``invalid`` (values that could not be
-        converted), ``close_timeout`` (still queued when ``close`` stopped waiting).
-      refused: ``record`` calls after ``close`` (not recorded).
-      sinks: per sink (by name) its :class:`~penwatch.telemetry.SinkStats`.
-      events: events emitted (non-finite reports and alerts).
-      alert_errors: exceptions raised by alerts (logged, never propagated).
-    """
-
-    recorded: int
-    processed: int
-    dropped: Mapping[str, int]
-    refused: int
-    sinks: Mapping[str, SinkStats]
-    events: int
-    alert_errors: int
-
-    def lost(self, sink: str) -> int:
-        """Records sink ``sink`` never wrote: dropped before it, or lost by it."""
-        return sum(self.dropped.values()) + sum(self.sinks[sink].lost.values())
 
 
 class Monitor:
