@@ -132,15 +132,19 @@ def _views(snap: sources.Snapshot) -> None:
             charts.losses(snap.losses, snap.nonfinite_steps, snap.width), "No loss recorded yet."
         )
     with right:
-        _chart(charts.durations(snap.durations), "No compute durations recorded yet.")
+        _chart(charts.durations(snap.durations), "No step durations recorded yet.")
         if snap.duration_summary:
             d = snap.duration_summary
             c = st.columns(3)
             for col, q in zip(c, ("p50", "p90", "p99"), strict=True):
                 col.metric(
-                    f"{q} duration",
+                    f"{q} device time",
                     _duration(d[q]),
-                    help=f"over the last {int(d['steps'])} recorded steps",
+                    help=(
+                        f"over the last {int(d['steps'])} recorded steps; a step's device time "
+                        "is from max(its dispatch, the previous step ready) until its "
+                        "results were ready, not the time it queued"
+                    ),
                 )
     st.subheader("Gradients per term" if snap.grad_wrt == "params" else "Gradient norms")
     if snap.grad_wrt is None:

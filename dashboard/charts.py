@@ -228,11 +228,11 @@ def timeline(events: pd.DataFrame, steps: tuple[float, float] | None = None) -> 
 
 
 def durations(df: pd.DataFrame) -> alt.Chart | None:
-    """Compute-duration percentiles (p50/p90/p99, ms) over the recent steps."""
+    """Device-time percentiles (p50/p90/p99, ms) over the recent steps."""
     if df.empty:
         return None
     return (
-        alt.Chart(_clean(df), title="Compute duration percentiles (recent steps)")
+        alt.Chart(_clean(df), title="Device time per step, percentiles (recent steps)")
         .mark_line(point=True)
         .encode(
             x=alt.X("step:Q", title="step"),

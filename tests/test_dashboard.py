@@ -30,7 +30,7 @@ TITLES = {
     "Weighted penalty contributions (stacked)",
     "Share of total penalty (latest)",
     "Base loss and total penalty",
-    "Compute duration percentiles (recent steps)",
+    "Device time per step, percentiles (recent steps)",
     "Gradient norm per term (log scale)",
     "Gradient share per term",
     "Cosine to the base-loss gradient",
@@ -159,7 +159,7 @@ def test_normal_run_every_view(stores, monkeypatch):
     assert float(m["Base loss"]) == pytest.approx(2 * np.exp(-2.499) + 0.1, abs=0.03)
     assert m["Non-finite values"] == "4" and m["Open alerts"] == "1"
     assert m["Penalty share of loss"].endswith("%")
-    assert {"p50 duration", "p90 duration", "p99 duration"} <= m.keys()
+    assert {"p50 device time", "p90 device time", "p99 device time"} <= m.keys()
     charts = _charts(at)
     assert set(charts) == TITLES
     area, (data,) = charts["Weighted penalty contributions (stacked)"]

@@ -218,7 +218,7 @@ def test_live_dashboard_in_chromium(tmp_path):
             for title in (
                 "Weighted penalty contributions",
                 "Base loss and total penalty",
-                "Compute duration percentiles",
+                "Device time per step, percentiles",
                 "Non-finite events and alerts",
             ):
                 assert title in text

@@ -47,7 +47,7 @@ class Sink(abc.ABC):
     name: str = ""
     max_pending: int = 10_000
     batch_size: int = 256
-    max_delay: float = 0.05
+    max_delay: float = 0.2
     flush_interval: float = 1.0
 
     def open(self, info: RunInfo) -> None:  # noqa: B027 - optional hook

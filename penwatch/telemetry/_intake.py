@@ -276,10 +276,10 @@ class Intake:
             item.payload = None
 
 
-DISPATCH_BATCH = 32
+DISPATCH_BATCH = 64
 """Ready records that wake the dispatcher at once."""
 
-DISPATCH_DELAY = 0.02
+DISPATCH_DELAY = 0.05
 """Seconds a ready record waits at most for the dispatcher (a batch's timer)."""
 
 WORKER_NICE = 10
