@@ -344,3 +344,19 @@ def test_leaf_counts_are_read_only_when_the_in_step_total_is_non_zero(packed):
     assert _CountingLeaf.reads == 2  # the two counts of the one bad step, nothing else
     assert [r.leaves for r in records[:20]] == [()] * 20
     assert records[20].leaves[0].nan_count == 3
+
+
+def test_leaf_counts_are_one_array_per_tree_and_read_as_a_mapping():
+    from penwatch.schema import LeafCounts
+
+    tree = {"w": jnp.array([1.0, jnp.nan, jnp.inf]), "b": jnp.zeros(2), "n": jnp.arange(3)}
+    out = jax.jit(lambda t: leaf_nonfinite(params=t))(tree)["params"]
+    assert isinstance(out, LeafCounts)
+    assert len(jax.tree_util.tree_leaves(out)) == 1  # one [n, 2] array, not 2 per leaf
+    assert out.counts.shape == (2, 2) and out.counts.dtype == jnp.int32
+    assert set(out) == {"['w']", "['b']"}  # integer leaves are skipped
+    assert [int(c) for c in out["['w']"]] == [1, 1]
+    host = jax.device_get(out)
+    assert isinstance(host, LeafCounts) and isinstance(host.counts, np.ndarray)
+    assert sorted(host.rows()) == [("['b']", 0, 0), ("['w']", 1, 1)]
+    assert LeafCounts.pack({}).counts.shape == (0, 2)

@@ -19,6 +19,7 @@ from penwatch.schema._keys import is_reserved as is_reserved
 from penwatch.schema._keys import layout_of as layout_of
 from penwatch.schema._keys import penalty_key as penalty_key
 from penwatch.schema._keys import term_key as term_key
+from penwatch.schema._leaves import LeafCounts as LeafCounts
 from penwatch.schema._metrics import Metrics as Metrics
 from penwatch.schema._nonfinite import describe as describe
 from penwatch.schema._nonfinite import find_nonfinite as find_nonfinite
@@ -47,6 +48,7 @@ __all__ = [
     "Event",
     "EventKind",
     "Layout",
+    "LeafCounts",
     "LeafReport",
     "Metrics",
     "NonFinite",

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from penwatch.schema._keys import Layout
+from penwatch.schema._leaves import LeafCounts
 from penwatch.schema._record import LeafReport, NonFinite, StepRecord
 
 __all__ = ["describe", "find_nonfinite", "leaf_reports"]
@@ -53,7 +54,8 @@ def leaf_reports(
     gradient usually its consequence); within a tree, largest counts first.
 
     Args:
-      leaf_counts: ``{tree: {path: (nan_count, inf_count)}}`` of host numbers, or None.
+      leaf_counts: ``{tree: {path: (nan_count, inf_count)}}`` (a :class:`LeafCounts`
+        or a plain mapping per tree) of host numbers, or None.
       max_leaves: how many leaves to keep.
 
     Returns:
@@ -64,8 +66,11 @@ def leaf_reports(
     tree_rank = {"params": 0, "grads": 1}
     rows = []
     for t_index, (tree, counts) in enumerate(leaf_counts.items()):
-        for p_index, (path, pair) in enumerate(counts.items()):
-            nan_count, inf_count = int(pair[0]), int(pair[1])
+        if isinstance(counts, LeafCounts):
+            table = counts.rows()  # one host read of the whole [n, 2] array
+        else:
+            table = [(path, int(pair[0]), int(pair[1])) for path, pair in counts.items()]
+        for p_index, (path, nan_count, inf_count) in enumerate(table):
             if nan_count or inf_count:
                 rank = (tree_rank.get(tree, 2 + t_index), -(nan_count + inf_count), p_index)
                 rows.append((rank, LeafReport(tree, path, nan_count, inf_count)))

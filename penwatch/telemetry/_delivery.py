@@ -30,6 +30,7 @@ from typing import Any
 from penwatch.schema import Event, RunInfo, RunStatus, StepRecord
 from penwatch.sinks import Sink, SinkUnavailable
 from penwatch.telemetry._gaps import Gap
+from penwatch.telemetry._intake import lower_priority
 from penwatch.telemetry._stats import LOSS_REASONS, SinkStats
 
 logger = logging.getLogger("penwatch.telemetry")
@@ -185,6 +186,7 @@ class SinkWorker:
     # -- the sink's own thread ---------------------------------------------------------
 
     def _run(self) -> None:
+        lower_priority()  # telemetry yields the CPU to the training step's threads
         try:
             self._ensure_open()
         finally:

@@ -32,7 +32,7 @@ import jax
 
 logger = logging.getLogger("penwatch.telemetry")
 
-__all__ = ["Intake", "Item"]
+__all__ = ["WORKER_NICE", "Intake", "Item", "lower_priority"]
 
 
 @dataclasses.dataclass(eq=False)
@@ -192,7 +192,7 @@ class Intake:
             self._cond.notify_all()
 
     def _ready_loop(self) -> None:
-        _lower_priority()
+        lower_priority()
         while True:
             with self._cond:
                 while not self._incoming:
@@ -229,7 +229,7 @@ class Intake:
                 return
 
     def _dispatch_loop(self) -> None:
-        _lower_priority()
+        lower_priority()
         while True:
             with self._cond:
                 while True:
@@ -286,7 +286,7 @@ WORKER_NICE = 10
 """Niceness added to the telemetry threads (Linux): telemetry yields the CPU to training."""
 
 
-def _lower_priority() -> None:
+def lower_priority() -> None:
     # On Linux a thread is a task with its own nice value. The worker is latency-tolerant
     # (it only needs to keep up on average), the training step's compute threads are not.
     with contextlib.suppress(AttributeError, OSError):  # not Linux / not permitted

@@ -33,7 +33,7 @@ from penwatch.diagnostics import elastic_net_term as _elastic_net_term
 from penwatch.diagnostics import l1_term as _l1_term
 from penwatch.diagnostics import l2_term as _l2_term
 from penwatch.penalties import leaf_finite_counts
-from penwatch.schema import LEAF_COUNT_TOTAL, LEAF_COUNTS, Metrics, penalty_key
+from penwatch.schema import LEAF_COUNT_TOTAL, LEAF_COUNTS, LeafCounts, Metrics, penalty_key
 from penwatch.training._loss import flatten_params
 from penwatch.training._state import (
     StepFunction,
@@ -68,9 +68,10 @@ in pipeline order, then the parameter terms):
 * every ``diagnostics_every`` steps: ``<term>_param_grad_norm``, ``<term>_grad_share``,
   ``<term>_grad_cosine`` for ``base`` and every penalty / parameter term (and
   ``pairwise_cosine`` with ``pairwise=True``);
-* ``_leaf_nonfinite`` (not a metric): ``{"params": {path: (nan_count, inf_count)},
-  "grads": {...}}`` int32 scalars per leaf (paths from ``jax.tree_util.keystr``; params
-  are the updated ones), from which the monitor names the offending leaves, and
+* ``_leaf_nonfinite`` (not a metric): ``{"params": LeafCounts, "grads": LeafCounts}``,
+  each reading as ``{path: (nan_count, inf_count)}`` over one ``int32[n, 2]`` array
+  (paths from ``jax.tree_util.keystr``; params are the updated ones), from which the
+  monitor names the offending leaves, and
   ``_leaf_nonfinite_count``, their total (the monitor reads the tree only when > 0).
 """
 
@@ -180,7 +181,11 @@ def _make_step(
             tail["update_skipped"] = jnp.logical_not(opt_state.last_finite)
         if leaf_report:
             param_counts = leaf_finite_counts(new_params)
-            tail[LEAF_COUNTS] = {"params": param_counts, "grads": grad_counts}
+            # one [n, 2] array per tree, not two scalar buffers per leaf
+            tail[LEAF_COUNTS] = {
+                "params": LeafCounts.pack(param_counts),
+                "grads": LeafCounts.pack(grad_counts),
+            }
             # One scalar the monitor reads first: the per-leaf tree is only read when > 0.
             tail[LEAF_COUNT_TOTAL] = bad + sum(
                 (n + i for n, i in param_counts.values()), jnp.zeros((), jnp.int32)
