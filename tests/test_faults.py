@@ -177,7 +177,8 @@ def test_a_sink_that_raises_is_isolated(caplog):
     assert len(logged) == 1  # logged once
 
 
-def test_a_sink_that_recovers_loses_nothing():
+def test_a_sink_that_recovers_loses_nothing(caplog):
+    caplog.set_level(logging.WARNING, logger="penwatch.telemetry")
     delivered = []
     fail = threading.Event()
     fail.set()
@@ -192,6 +193,9 @@ def test_a_sink_that_recovers_loses_nothing():
             monitor.record(step, _metrics(step))
         assert not monitor.flush(timeout=0.5)  # the collector is down: not written yet
         assert monitor.sink_errors["Callback"] >= 1
+        # logs tell the truth: no "recovered" before a write succeeded; the count is there
+        assert not [r for r in caplog.records if "recovered" in r.getMessage()]
+        assert any(" records buffered (up to max_pending" in r.getMessage() for r in caplog.records)
         fail.clear()  # the collector is back
         deadline = time.monotonic() + 10
         step = 10
@@ -202,6 +206,7 @@ def test_a_sink_that_recovers_loses_nothing():
             time.sleep(0.02)
     assert delivered == list(range(step))
     assert monitor.stats.lost("Callback") == 0
+    assert [r for r in caplog.records if "recovered" in r.getMessage()]
 
 
 class _SlowScalar:
@@ -218,12 +223,16 @@ class _SlowScalar:
         return np.asarray(0.0, dtype=dtype)
 
 
-def test_full_queue_drops_the_oldest_and_counts():
+def test_full_queue_drops_the_oldest_and_counts(caplog):
     records: list = []
+    events: list = []
     prom = pw.sinks.Prometheus(port=None)
     slow = _SlowScalar()
     monitor = pw.Monitor(
-        "full", sinks=[prom, pw.sinks.Callback(records.append)], alerts=[], max_queue=4
+        "full",
+        sinks=[prom, pw.sinks.Callback(records.append, on_event=events.append)],
+        alerts=[],
+        max_queue=4,
     )
     monitor.record(0, {"v": slow})  # the worker waits on this one (the device is busy)
     deadline = time.monotonic() + 10
@@ -235,9 +244,15 @@ def test_full_queue_drops_the_oldest_and_counts():
     assert time.perf_counter() - start < 0.1  # never blocks
     assert monitor.pending == 4
     slow.gate.set()
-    monitor.close()
+    with caplog.at_level(logging.WARNING, logger="penwatch.telemetry"):
+        monitor.close()
     assert [r.step for r in records] == [0, 17, 18, 19, 20]  # the newest kept
     assert monitor.stats.dropped["queue_full"] == 16
+    (gap,) = [e for e in events if e.name == "records_dropped"]  # the gap, marked once
+    assert gap.attributes["reason"] == "queue_full" and gap.attributes["count"] == 16
+    assert (gap.attributes["first_step"], gap.attributes["last_step"]) == (1, 16)
+    # close() logs a summary whenever anything was lost
+    assert any("queue_full" in r.getMessage() for r in caplog.records), caplog.text
     labels = {"run": "full", "process": "0", "reason": "queue_full"}
     assert prom.registry.get_sample_value("penwatch_telemetry_dropped_total", labels) == 16
 
