@@ -214,14 +214,13 @@ def test_live_dashboard_in_chromium(tmp_path):
             charts.nth(5).wait_for(timeout=30_000)
             assert charts.count() >= 6
             page.locator("canvas, svg").first.wait_for(timeout=10_000)
-            text = page.inner_text("body")
-            for title in (
+            text = _wait_for_text(
+                page,
                 "Weighted penalty contributions",
                 "Base loss and total penalty",
                 "Device time per step, percentiles",
                 "Non-finite events and alerts",
-            ):
-                assert title in text
+            )
             assert "Traceback" not in text
             page.wait_for_timeout(1500)  # let the charts finish drawing
             # take the picture between refreshes (no element faded as stale)
@@ -243,14 +242,19 @@ def test_live_dashboard_in_chromium(tmp_path):
             f.close()
 
 
-def _wait_for_text(page, text: str, *, timeout: float = 60) -> str:
-    """The page's text once it contains ``text`` (the page renders progressively)."""
+def _wait_for_text(page, *texts: str, timeout: float = 60) -> str:
+    """The page's text once it contains every one of ``texts``.
+
+    Streamlit renders a rerun element by element, so one text being there says
+    nothing about its neighbours: wait for all that the caller reads.
+    """
     deadline = time.monotonic() + timeout
     while True:
         body = page.inner_text("body")
-        if text in body:
+        missing = [text for text in texts if text not in body]
+        if not missing:
             return body
-        assert time.monotonic() < deadline, f"{text!r} never appeared; the page says:\n{body}"
+        assert time.monotonic() < deadline, f"{missing!r} never appeared; the page says:\n{body}"
         page.wait_for_timeout(300)
 
 
@@ -280,16 +284,13 @@ def test_statuses_and_user_text_in_chromium(tmp_path):
             page = browser.new_page(viewport={"width": 1500, "height": 3000})
             _open(page, app, port, tmp_path / "app.log")
             # the freshest run is selected: stopped, with names that look like markup
-            body = _wait_for_text(page, "was stopped")
-            body = _wait_for_text(page, "first offender")
             literal = [
                 f"Run {HOSTILE_RUN} was stopped",  # the status banner
                 f"run {HOSTILE_RUN} · all processes · status stopped (not live)",  # caption
                 f"{HOSTILE_PIPELINE}/orthogonality conflicts with the task loss",
                 f"first offender {HOSTILE_NAN} (nan)",
             ]
-            for text in literal:
-                assert text in body, (text, body)
+            body = _wait_for_text(page, *literal)
             # nothing was made from the names: no tag, link, heading, math, colour, emoji
             main = page.locator("[data-testid='stMain']")
             for selector in ("b", "i", "script", "a[href^='http']", ".katex"):
@@ -323,9 +324,12 @@ def test_statuses_and_user_text_in_chromium(tmp_path):
                 assert option in options, (option, options)
             # a crashed run says so
             page.locator("[role='option']", has_text="crashed-run").click()
-            body = _wait_for_text(page, "crashed: it is still marked running")
-            assert "run crashed-run · all processes · status crashed (not live)" in body
-            assert f"limit {STALE_AFTER:g} s" in body
+            body = _wait_for_text(
+                page,
+                "crashed: it is still marked running",
+                "run crashed-run · all processes · status crashed (not live)",
+                f"limit {STALE_AFTER:g} s",
+            )
             assert "Traceback" not in body
             page.screenshot(path=str(tmp_path / "statuses.png"), full_page=True)
             browser.close()
