@@ -47,7 +47,7 @@ keeps running after training until Ctrl-C.
 """
 
 _DASHBOARD_HELP = """\
-Run the Streamlit dashboard (dashboard/app.py) on a penwatch SQLite store (--db or
+Run the Streamlit dashboard (penwatch/dashboard/app.py) on a penwatch SQLite store (--db or
 PENWATCH_DB) or on a Prometheus server (--prometheus or PENWATCH_PROMETHEUS_URL).
 """
 
@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _app_path() -> pathlib.Path:
-    return pathlib.Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+    return pathlib.Path(__file__).resolve().parent / "dashboard" / "app.py"
 
 
 def _dashboard_command(port: int, addr: str) -> list[str]:

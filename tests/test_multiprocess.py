@@ -156,7 +156,7 @@ def test_gradient_shares_are_reported_per_process(run):
 
 
 def test_dashboard_prometheus_source_shows_both_processes_and_their_aggregate(run):
-    from dashboard.sources import Config, make_source
+    from penwatch.dashboard.sources import Config, make_source
 
     _finished(run)
     # The path the app takes with PENWATCH_PROMETHEUS_URL set.

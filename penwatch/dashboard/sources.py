@@ -20,12 +20,12 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from dashboard import _runs, _snapshot
-from dashboard._errors import SourceUnavailable
-from dashboard._runs import RunChoice
-from dashboard._snapshot import ALL_PROCESSES, Snapshot
-from dashboard.prom_source import PrometheusSource
 from penwatch import store
+from penwatch.dashboard import _runs, _snapshot
+from penwatch.dashboard._errors import SourceUnavailable
+from penwatch.dashboard._runs import RunChoice
+from penwatch.dashboard._snapshot import ALL_PROCESSES, Snapshot
+from penwatch.dashboard.prom_source import PrometheusSource
 from penwatch.schema import thresholds
 
 __all__ = [
@@ -80,7 +80,7 @@ class Config:
     def from_env(
         cls, argv: list[str] | None = None, env: Mapping[str, str] | None = None
     ) -> Config:
-        """Options after ``--`` in ``streamlit run dashboard/app.py -- --db PATH``, then env.
+        """Options after ``--`` in ``streamlit run .../app.py -- --db PATH``, then env.
 
         ``--db`` / ``PENWATCH_DB``, ``--prometheus`` / ``PENWATCH_PROMETHEUS_URL``,
         ``--refresh`` / ``PENWATCH_REFRESH_SECONDS``, ``--stale-after`` /
@@ -92,7 +92,7 @@ class Config:
         import argparse
 
         env = os.environ if env is None else env
-        parser = argparse.ArgumentParser(prog="dashboard/app.py", allow_abbrev=False)
+        parser = argparse.ArgumentParser(prog="penwatch/dashboard/app.py", allow_abbrev=False)
         parser.add_argument("--db", default=env.get("PENWATCH_DB", "penwatch.db"))
         parser.add_argument("--prometheus", default=env.get("PENWATCH_PROMETHEUS_URL") or None)
         parser.add_argument("--refresh", default=env.get("PENWATCH_REFRESH_SECONDS", "2"))

@@ -1,4 +1,4 @@
-"""penwatch live dashboard: ``streamlit run dashboard/app.py [-- --db PATH]``.
+"""penwatch live dashboard: ``streamlit run penwatch/dashboard/app.py [-- --db PATH]``.
 
 Reads a penwatch SQLite store (default; ``--db`` or ``PENWATCH_DB``) or a Prometheus
 server (``--prometheus URL`` or ``PENWATCH_PROMETHEUS_URL``) and refreshes itself every
@@ -10,7 +10,7 @@ The run picker lists each run's status; the page says when the selected run is n
 (finished, stopped, failed, or crashed: no heartbeat for ``--stale-after`` /
 ``PENWATCH_STALE_AFTER`` seconds). Text from users (run, pipeline, penalty and metric
 names, event messages) is shown literally: every piece of it that goes into Markdown
-passes through :func:`dashboard._text.md_escape`.
+passes through :func:`penwatch.dashboard._text.md_escape`.
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ import logging
 import pathlib
 import sys
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_ROOT = pathlib.Path(__file__).resolve().parents[2]  # a checkout run without installing
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 import streamlit as st  # noqa: E402
 
-from dashboard import charts, sources  # noqa: E402
-from dashboard._runs import age, status_note  # noqa: E402
-from dashboard._text import md_escape  # noqa: E402
+from penwatch.dashboard import charts, sources  # noqa: E402
+from penwatch.dashboard._runs import age, status_note  # noqa: E402
+from penwatch.dashboard._text import md_escape  # noqa: E402
 from penwatch.schema import thresholds  # noqa: E402
 
 logger = logging.getLogger("penwatch.dashboard")

@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dashboard import _snapshot
-from dashboard._errors import SourceUnavailable
-from dashboard._runs import RunChoice
-from dashboard._snapshot import Snapshot
+from penwatch.dashboard import _snapshot
+from penwatch.dashboard._errors import SourceUnavailable
+from penwatch.dashboard._runs import RunChoice
+from penwatch.dashboard._snapshot import Snapshot
 from penwatch.schema import thresholds
 
 __all__ = ["PrometheusSource"]

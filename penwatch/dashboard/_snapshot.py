@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dashboard._runs import LIVE, RunChoice, combine_statuses
 from penwatch import schema, store
+from penwatch.dashboard._runs import LIVE, RunChoice, combine_statuses
 from penwatch.schema import thresholds
 
 __all__ = ["ALL_PROCESSES", "Headline", "RunChoice", "Snapshot", "build"]
