@@ -166,8 +166,8 @@ def test_normal_run_every_view(stores, monkeypatch):
     assert area["mark"]["type"] == "area" and area["encoding"]["y"]["stack"] == "zero"
     assert area["encoding"]["y"]["title"] == "weight × penalty (loss units)"
     assert set(data["penalty"]) == {"l1", "l2", "entropy", "orthogonality"}
-    # downsampled (2,500 steps -> width 8) but the step-300 loss spike survives
-    assert "min–max per 8 steps" in area["encoding"]["x"]["title"]
+    # downsampled (2,500 steps -> width 16) but the step-300 loss spike survives
+    assert "min–max per 16 steps" in area["encoding"]["x"]["title"]
     _, frames = charts["Base loss and total penalty"]
     loss = frames[0][frames[0]["series"] == "base loss"]
     assert loss["value"].max() > 20 and np.isfinite(frames[0]["value"].dropna()).all()
@@ -221,7 +221,7 @@ def test_large_run_is_downsampled_and_keeps_its_spike(stores, monkeypatch):
     assert _metrics(at)["Step"] == "199,999"
     charts = _charts(at)
     spec, (data,) = charts["Weighted penalty contributions (stacked)"]
-    assert "min–max per 512 steps" in spec["encoding"]["x"]["title"]
+    assert "min–max per 1024 steps" in spec["encoding"]["x"]["title"]
     assert len(data) <= 2 * 400
     _, frames = charts["Base loss and total penalty"]
     assert frames[0]["value"].max() > 50  # the single-step spike at step 123,457

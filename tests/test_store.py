@@ -41,10 +41,10 @@ def test_schema_created_with_version_and_wal(tmp_path):
     path = tmp_path / "sub" / "s.db"
     _write(path, [synthetic_record("r", 0)])
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("1",)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-    assert {"runs", "steps", "series", "metrics", "rollups", "events", "metric_rows"} <= tables
+    assert {"runs", "steps", "series", "layouts", "rollups", "events", "metric_rows"} <= tables
 
 
 def test_newer_or_foreign_database_is_refused(tmp_path):
@@ -171,7 +171,7 @@ def test_rollups_equal_an_independent_numpy_aggregation(tmp_path):
                     assert row["vsum"] == pytest.approx(f.sum(), rel=1e-9)
                 else:
                     assert np.isnan(row["vmin"]) and np.isnan(row["vsum"])
-    spike = reader.rollup(series["loss"], width=512)
+    spike = reader.rollup(series["loss"], width=128)
     assert spike["vmax"].max() == pytest.approx(records[1234].values["loss"])
 
 
@@ -183,7 +183,7 @@ def test_bucketize_combine_envelope_keep_spikes():
     values[5] = np.nan
     values[6] = -np.inf
     width = store.choose_width(steps.size)
-    assert width == 512
+    assert width == 1024
     b = store.bucketize(steps, values, width)
     assert b.size == -(-steps.size // width)
     x, y = store.envelope(b, width)
@@ -202,15 +202,15 @@ def test_bucketize_combine_envelope_keep_spikes():
         np.testing.assert_allclose(halves[field], b[field], rtol=1e-12)
     np.testing.assert_allclose(
         store.mean(b)[1:],
-        [np.mean(values[k * 512 : (k + 1) * 512]) for k in range(1, b.size)],
+        [np.mean(values[k * width : (k + 1) * width]) for k in range(1, b.size)],
         rtol=1e-9,
     )
 
 
 def test_choose_width_and_validation():
     assert store.choose_width(1000) == 1
-    assert store.choose_width(1001) == 8
-    assert store.choose_width(200_000) == 512
+    assert store.choose_width(1001) == 16
+    assert store.choose_width(200_000) == 1024
     assert store.choose_width(10**12) == store.ROLLUP_WIDTHS[-1]
     with pytest.raises(ValueError, match="max_buckets"):
         store.choose_width(10, max_buckets=0)

@@ -17,14 +17,16 @@ import json
 import os
 import pathlib
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from penwatch._checks import check_positive
 from penwatch.schema import thresholds
-from penwatch.store._downsample import BUCKET_DTYPE
+from penwatch.store import _packed
+from penwatch.store._downsample import BUCKET_DTYPE, combine
+from penwatch.store._packed import STEP_KEYS
 from penwatch.store._schema import ROLLUP_WIDTHS, reader_connection, schema_version
 
 
@@ -113,6 +115,8 @@ class StoreReader:
         self.path = pathlib.Path(path)
         self._conn = reader_connection(self.path, busy_timeout=busy_timeout)
         self._ready = False
+        self._layouts: dict[int, np.ndarray] = {}
+        self._step_series: dict[tuple[int, str], np.ndarray] = {}
 
     def close(self) -> None:
         """Close the connection."""
@@ -228,32 +232,81 @@ class StoreReader:
     def values(
         self, run_ids: Iterable[int], *, since_id: int | None = None
     ) -> dict[str, np.ndarray]:
-        """Raw metric rows of the given runs with ``id > since_id``, oldest first.
+        """Metric values of the given runs' steps with ``steps.id > since_id``, oldest first.
+
+        Every value of a step, the step-level series (:data:`~penwatch.store._packed.STEP_KEYS`)
+        included, is one row of the result.
 
         Args:
           run_ids: runs to read.
-          since_id: last metrics id already read; None starts at the runs' first row.
+          since_id: last steps id already read (the largest ``id`` returned before);
+            None reads from the start.
 
         Returns:
-          NumPy columns ``id``, ``series_id``, ``step``, ``value`` (NaN for NULL).
+          NumPy columns ``id`` (the step row's id, shared by its values), ``series_id``,
+          ``step``, ``value`` (NaN for NaN).
         """
         ids = _ids(run_ids)
-        if since_id is None:
-            rows = self._query(f"SELECT min(metrics_from) FROM runs WHERE id IN ({ids})")
-            since_id = rows[0][0] if rows and rows[0][0] is not None else 0
         rows = self._query(
-            f"SELECT m.id, m.series_id, m.step, m.value FROM metrics AS m"
-            f" WHERE m.id > ? AND m.series_id IN"
-            f" (SELECT id FROM series WHERE run_id IN ({ids})) ORDER BY m.id",
-            (since_id,),
+            f"SELECT id, run_id, pipeline, step, layout_id, vals, loss, total,"
+            f" duration_seconds, nonfinite FROM steps"
+            f" WHERE run_id IN ({ids}) AND id > ? ORDER BY id",
+            (since_id or 0,),
         )
-        cols = list(zip(*rows, strict=True)) if rows else [(), (), (), ()]
+        out: dict[str, list[np.ndarray]] = {"id": [], "series_id": [], "step": [], "value": []}
+        start = 0
+        while start < len(rows):  # runs of consecutive rows of one layout, decoded at once
+            layout_id, run_id, pipeline = rows[start][4], rows[start][1], rows[start][2]
+            stop = start + 1
+            while stop < len(rows) and rows[stop][4] == layout_id:
+                stop += 1
+            chunk = rows[start:stop]
+            start = stop
+            sids = np.r_[self._step_sids(run_id, pipeline), self._layout_sids(layout_id)]
+            step_cols = np.array(
+                [[np.nan if v is None else v for v in r[6:10]] for r in chunk], dtype=np.float64
+            )
+            present = np.array([[v is not None for v in r[6:10]] for r in chunk], dtype=bool)
+            vals = _packed.decode_rows([r[5] for r in chunk], sids.size - len(STEP_KEYS))
+            table = np.concatenate([step_cols, vals], axis=1)
+            keep = np.concatenate([present, np.ones(vals.shape, dtype=bool)], axis=1)
+            keep &= sids[None, :] >= 0
+            n = len(chunk)
+            out["id"].append(np.repeat([r[0] for r in chunk], sids.size).reshape(n, -1)[keep])
+            out["series_id"].append(np.broadcast_to(sids, (n, sids.size))[keep])
+            out["step"].append(np.repeat([r[3] for r in chunk], sids.size).reshape(n, -1)[keep])
+            out["value"].append(table[keep])
+        dtypes = {"id": np.int64, "series_id": np.int64, "step": np.int64, "value": np.float64}
         return {
-            "id": np.array(cols[0], dtype=np.int64),
-            "series_id": np.array(cols[1], dtype=np.int64),
-            "step": np.array(cols[2], dtype=np.int64),
-            "value": np.array(cols[3], dtype=np.float64),
+            name: np.concatenate(parts).astype(dtypes[name]) if parts else np.zeros(0, dtypes[name])
+            for name, parts in out.items()
         }
+
+    def _layout_sids(self, layout_id: int) -> np.ndarray:
+        """Series ids of a layout, in ``vals`` order (cached: layouts never change)."""
+        sids = self._layouts.get(layout_id)
+        if sids is None:
+            rows = self._query(
+                "SELECT series_id FROM layout_series WHERE layout_id = ? ORDER BY idx",
+                (layout_id,),
+            )
+            sids = self._layouts[layout_id] = np.array([r[0] for r in rows], dtype=np.int64)
+        return sids
+
+    def _step_sids(self, run_id: int, pipeline: str) -> np.ndarray:
+        """Series ids of the step-level series of one run and pipeline (-1 when absent)."""
+        sids = self._step_series.get((run_id, pipeline))
+        if sids is None:
+            found = dict(
+                self._query(
+                    "SELECT key, id FROM series WHERE run_id = ? AND pipeline = ? AND key IN"
+                    f" ({', '.join('?' * len(STEP_KEYS))})",
+                    (run_id, pipeline, *STEP_KEYS),
+                )
+            )
+            sids = np.array([found.get(k, -1) for k in STEP_KEYS], dtype=np.int64)
+            self._step_series[(run_id, pipeline)] = sids
+        return sids
 
     def rollup(self, series_id: int, *, width: int, since_bucket: int | None = None) -> np.ndarray:
         """Aggregates of one series per bucket of ``width`` steps, from ``since_bucket`` on.
@@ -271,36 +324,62 @@ class StoreReader:
             raise ValueError(
                 f"StoreReader.rollup: width must be one of {ROLLUP_WIDTHS}, got {width!r}"
             )
-        rows = self._query(
-            "SELECT bucket, n, n_nan, n_inf, vmin, vmax, vsum, step_lo, step_hi FROM rollups"
-            " WHERE series_id = ? AND width = ? AND bucket >= ? ORDER BY bucket",
-            (series_id, width, -(2**62) if since_bucket is None else since_bucket),
-        )
-        out = np.zeros(len(rows), BUCKET_DTYPE)
-        if rows:
-            for name, col in zip(BUCKET_DTYPE.names, zip(*rows, strict=True), strict=True):
-                out[name] = np.array(col, dtype=float if name[0] == "v" else np.int64)
-        return out
+        found = self._query("SELECT run_id, pipeline, key FROM series WHERE id = ?", (series_id,))
+        if not found:
+            return np.zeros(0, BUCKET_DTYPE)
+        run_id, pipeline, key = found[0]
+        if key in STEP_KEYS:  # a step column: an entry of every layout of the pipeline
+            where = self._query(
+                "SELECT id, ? FROM layouts WHERE run_id = ? AND pipeline = ?",
+                (STEP_KEYS.index(key), run_id, pipeline),
+            )
+        else:
+            where = self._query(
+                "SELECT layout_id, idx + ? FROM layout_series WHERE series_id = ?",
+                (len(STEP_KEYS), series_id),
+            )
+        since = -(2**62) if since_bucket is None else since_bucket
+        parts = []
+        for layout_id, entry in where:
+            rows = self._query(
+                "SELECT bucket, substr(n, ? * 4 + 1, 4), substr(n_nan, ? * 4 + 1, 4),"
+                " substr(n_inf, ? * 4 + 1, 4), substr(vmin, ? * 8 + 1, 8),"
+                " substr(vmax, ? * 8 + 1, 8), substr(vsum, ? * 8 + 1, 8), step_lo, step_hi"
+                " FROM rollups WHERE layout_id = ? AND width = ? AND bucket >= ?"
+                " ORDER BY bucket",
+                (*[entry] * 6, layout_id, width, since),
+            )
+            part = _bucket_entries(rows)
+            parts.append(part[part["n"] > 0])
+        return combine(parts)
 
     def records(self, run: str, process: int = 0) -> list[tuple[int, str, dict[str, float]]]:
         """Every stored step of a run as ``(step, pipeline, values)``, in write order.
 
-        NaN comes back as ``nan`` (stored as NULL). Meant for checks and exports; a
-        dashboard should use :meth:`buckets`.
+        Values come back exactly as recorded (NaN included). Meant for checks and
+        exports; a dashboard should use :meth:`rollup`.
         """
         rows = self._query(
-            "SELECT m.id, m.step, s.pipeline, s.key, m.value FROM metrics AS m"
-            " JOIN series AS s ON s.id = m.series_id JOIN runs AS r ON r.id = s.run_id"
-            " WHERE r.name = ? AND r.process = ? ORDER BY m.id",
+            "SELECT st.step, st.pipeline, st.layout_id, st.vals FROM steps AS st"
+            " JOIN runs AS r ON r.id = st.run_id"
+            " WHERE r.name = ? AND r.process = ? ORDER BY st.id",
             (run, process),
         )
+        keys: dict[int, list[str]] = {}
         out: list[tuple[int, str, dict[str, float]]] = []
-        for _, step, pipeline, key, value in rows:
-            if key.startswith("_"):
-                continue  # step-level series the writer adds (STEP_KEYS)
-            if not out or out[-1][0] != step or out[-1][1] != pipeline or key in out[-1][2]:
-                out.append((step, pipeline, {}))
-            out[-1][2][key] = float("nan") if value is None else value
+        for step, pipeline, layout_id, blob in rows:
+            names = keys.get(layout_id)
+            if names is None:
+                names = keys[layout_id] = [
+                    k
+                    for (k,) in self._query(
+                        "SELECT s.key FROM layout_series AS ls JOIN series AS s"
+                        " ON s.id = ls.series_id WHERE ls.layout_id = ? ORDER BY ls.idx",
+                        (layout_id,),
+                    )
+                ]
+            values = _packed.decode_values(blob, len(names))
+            out.append((step, pipeline, dict(zip(names, values.tolist(), strict=True))))
         return out
 
 
@@ -322,3 +401,21 @@ def _ids(run_ids: Iterable[int] | Mapping[int, Any]) -> str:
     """Comma-separated integer ids for an ``IN (...)`` clause (validated as ints)."""
     ids = [int(i) for i in run_ids]
     return ",".join(map(str, ids)) if ids else "NULL"
+
+
+def _bucket_entries(rows: Sequence[Sequence[object]]) -> np.ndarray:
+    """One entry of ``rollups`` rows selected as ``bucket``, 4-byte slices of ``n``,
+    ``n_nan``, ``n_inf``, 8-byte slices of ``vmin``, ``vmax``, ``vsum``, ``step_lo``,
+    ``step_hi``, as a :data:`BUCKET_DTYPE` array."""
+    out = np.zeros(len(rows), BUCKET_DTYPE)
+    if not rows:
+        return out
+    cols = list(zip(*rows, strict=True))
+    out["bucket"] = np.array(cols[0], dtype=np.int64)
+    for field, col in zip(("n", "n_nan", "n_inf"), cols[1:4], strict=True):
+        out[field] = [0 if b is None else int.from_bytes(b, "little") for b in col]
+    for field, col in zip(("vmin", "vmax", "vsum"), cols[4:7], strict=True):
+        out[field] = np.frombuffer(b"".join(col), dtype="<f8")
+    out["step_lo"] = np.array(cols[7], dtype=np.int64)
+    out["step_hi"] = np.array(cols[8], dtype=np.int64)
+    return out

@@ -1,25 +1,26 @@
-"""The SQLite run store's schema (version 1), connection settings and version check.
+"""The SQLite run store's schema (version 2), connection settings and version check.
 
 One writer (the monitor's worker, through :class:`~penwatch.store.StoreWriter`) and any
-number of readers (the dashboard, other processes) share one file in WAL mode. Metric
-values are stored long-format, one row per ``(series, step)``, where a *series* is one
-flat metric key of one pipeline of one run (``series``); ``metric_rows`` joins them back
-into the flat ``(run_id, step, pipeline, name, quantity, key, value)`` shape. ``metrics``
-has no secondary index (an index would double the cost of every insert): readers take
-new rows by id (``id > last_seen``, starting at the run's ``metrics_from``) and long
-ranges from ``rollups``.
+number of readers (the dashboard, other processes) share one file in WAL mode. A step is
+one row of ``steps``: its step-level columns and its metric values packed into one BLOB
+(``vals``, float32 when exact; :mod:`penwatch.store._packed`), in the order of its
+*layout* — the tuple of *series* (one flat metric key of one pipeline of one run) that
+the step recorded, stored once in ``layouts``/``layout_series``. The view ``metric_rows``
+unpacks them, in plain SQL, into the flat ``(id, run_id, step, pipeline, name, quantity,
+key, value)`` rows that version 1 stored one by one (40 rows of ~21 bytes per step for 40
+metrics; now one row of ~230 bytes). Readers take new steps by id (``id > last_seen``)
+and long ranges from ``rollups``.
 
 ``rollups`` holds per-bucket aggregates of every series at a few fixed bucket widths
-(``ROLLUP_WIDTHS``), maintained by the writer in the same transaction as the raw rows, so
-a reader can draw a 200,000-step run from a few hundred buckets per series instead of
-scanning millions of rows. Each bucket keeps the finite minimum and maximum (spikes stay
-visible), sum, counts of NaN and Inf values and the step range it covers.
+(``ROLLUP_WIDTHS``), one row per ``(layout, width, bucket)`` with per-entry arrays, kept
+by the writer in the same transaction as the steps, so a reader can draw a 10^6-step run
+from a few hundred buckets per series instead of scanning every step. Each bucket keeps
+the finite minimum and maximum (spikes stay visible), sum, counts of values, NaN and Inf,
+and the step range it covers. Entries are the step-level series ``_loss``, ``_total``,
+``_duration_seconds`` and ``_nonfinite`` (the ``steps`` columns of those names; keys
+starting with ``_`` are never user metrics), then the layout's keys.
 
-Besides the recorded metric keys, every step adds the series ``_loss``, ``_total``,
-``_duration_seconds`` and ``_nonfinite`` (the ``steps`` columns of the same name; keys
-starting with ``_`` are never user metrics), so rollups cover them too.
-
-``value`` is NULL for NaN (SQLite stores NaN as NULL); ``+Inf``/``-Inf`` are stored as is.
+NaN reads as NULL in ``metric_rows`` (SQLite has no NaN); ``+Inf``/``-Inf`` as they are.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from __future__ import annotations
 import pathlib
 import sqlite3
 
-SCHEMA_VERSION = 1
-"""Version written to ``meta.schema_version``; readers refuse newer stores."""
+from penwatch.store._packed import metric_rows_view, pow2_rows
 
-ROLLUP_WIDTHS: tuple[int, ...] = (8, 64, 512, 4096, 32768, 262144)
+SCHEMA_VERSION = 2
+"""Version written to ``meta.schema_version``; readers refuse older and newer stores."""
+
+ROLLUP_WIDTHS: tuple[int, ...] = (16, 128, 1024, 8192, 65536, 524288)
 """Bucket widths (in steps) at which the writer maintains ``rollups``."""
 
 DBL_MAX = 1.7976931348623157e308
@@ -48,18 +51,7 @@ CREATE TABLE IF NOT EXISTS runs (
     version TEXT, backend TEXT, devices INTEGER,
     config TEXT,                             -- JSON
     last_step INTEGER,
-    metrics_from INTEGER NOT NULL DEFAULT 0, -- metrics of this run all have id > this
     UNIQUE (name, process));
-CREATE TABLE IF NOT EXISTS steps (
-    id INTEGER PRIMARY KEY,
-    run_id INTEGER NOT NULL REFERENCES runs(id),
-    step INTEGER NOT NULL,
-    pipeline TEXT NOT NULL,
-    wall_time REAL NOT NULL,
-    loss REAL, total REAL, duration_seconds REAL,
-    nonfinite INTEGER NOT NULL DEFAULT 0,    -- count of non-finite metrics
-    trace_id TEXT,                           -- hex OpenTelemetry trace id, when tracing
-    report TEXT);                            -- JSON non-finite report, when not ok
 CREATE TABLE IF NOT EXISTS series (
     id INTEGER PRIMARY KEY,
     run_id INTEGER NOT NULL REFERENCES runs(id),
@@ -70,19 +62,41 @@ CREATE TABLE IF NOT EXISTS series (
                                              -- or the key itself for run-level keys
     key TEXT NOT NULL,                       -- the original flat key
     UNIQUE (run_id, pipeline, key));
-CREATE TABLE IF NOT EXISTS metrics (
+CREATE TABLE IF NOT EXISTS layouts (
     id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    pipeline TEXT NOT NULL,
+    size INTEGER NOT NULL,                   -- values per step (layout_series rows)
+    signature TEXT NOT NULL,                 -- the series ids, comma-separated
+    UNIQUE (run_id, pipeline, signature));
+CREATE TABLE IF NOT EXISTS layout_series (
+    layout_id INTEGER NOT NULL REFERENCES layouts(id),
+    idx INTEGER NOT NULL,                    -- position in steps.vals
     series_id INTEGER NOT NULL REFERENCES series(id),
+    PRIMARY KEY (layout_id, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS steps (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
     step INTEGER NOT NULL,
-    value REAL);                             -- NULL means NaN; +-Inf stored as is
-CREATE TABLE IF NOT EXISTS rollups (
-    series_id INTEGER NOT NULL REFERENCES series(id),
+    pipeline TEXT NOT NULL,
+    wall_time REAL NOT NULL,
+    loss REAL, total REAL, duration_seconds REAL,
+    nonfinite INTEGER NOT NULL DEFAULT 0,    -- count of non-finite metrics
+    trace_id TEXT,                           -- hex OpenTelemetry trace id, when tracing
+    report TEXT,                             -- JSON non-finite report, when not ok
+    layout_id INTEGER NOT NULL REFERENCES layouts(id),
+    vals BLOB NOT NULL);                     -- big-endian float32 (when exact) or float64
+CREATE TABLE IF NOT EXISTS rollups (           -- a rowid table: rows of ~1 KB stay in-page
+    id INTEGER PRIMARY KEY,
+    layout_id INTEGER NOT NULL REFERENCES layouts(id),
     width INTEGER NOT NULL,                  -- one of ROLLUP_WIDTHS
     bucket INTEGER NOT NULL,                 -- step / width
-    n INTEGER NOT NULL, n_nan INTEGER NOT NULL, n_inf INTEGER NOT NULL,
-    vmin REAL, vmax REAL, vsum REAL,         -- over finite values; NULL when none
     step_lo INTEGER NOT NULL, step_hi INTEGER NOT NULL,
-    PRIMARY KEY (series_id, width, bucket)) WITHOUT ROWID;
+    n BLOB NOT NULL,                         -- per entry, <i4: values in the bucket
+    n_nan BLOB, n_inf BLOB,                  -- per entry, <i4; NULL when all zero
+    vmin BLOB NOT NULL, vmax BLOB NOT NULL,  -- per entry, <f8, over finite values;
+    vsum BLOB NOT NULL,                      --   NaN when the bucket has none
+    UNIQUE (layout_id, width, bucket));
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     run_id INTEGER NOT NULL REFERENCES runs(id),
@@ -91,18 +105,16 @@ CREATE TABLE IF NOT EXISTS events (
     kind TEXT NOT NULL,                      -- nonfinite | alert | info
     name TEXT NOT NULL, severity TEXT NOT NULL, message TEXT NOT NULL,
     attributes TEXT);                        -- JSON
+CREATE TABLE IF NOT EXISTS pow2 (e INTEGER PRIMARY KEY, v REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS steps_run_step ON steps (run_id, step);
 CREATE INDEX IF NOT EXISTS events_run ON events (run_id, id);
 CREATE INDEX IF NOT EXISTS series_run ON series (run_id, id);
-CREATE VIEW IF NOT EXISTS metric_rows AS
-    SELECT m.id AS id, s.run_id AS run_id, m.step AS step, s.pipeline AS pipeline,
-           s.name AS name, s.quantity AS quantity, s.key AS key, m.value AS value
-    FROM metrics AS m JOIN series AS s ON s.id = m.series_id;
-"""
+CREATE INDEX IF NOT EXISTS layout_series_series ON layout_series (series_id);
+""" + metric_rows_view()
 
 
 class StoreError(RuntimeError):
-    """The file is not a usable penwatch store (foreign database, newer schema)."""
+    """The file is not a usable penwatch store (foreign database, other schema version)."""
 
 
 class StoreUnavailableError(RuntimeError):
@@ -156,7 +168,7 @@ def schema_version(conn: sqlite3.Connection) -> int | None:
 
     Raises:
       StoreError: the database has tables but no penwatch ``meta`` version, or a
-        version newer than :data:`SCHEMA_VERSION`.
+        version other than :data:`SCHEMA_VERSION`.
     """
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     if not tables:
@@ -167,6 +179,13 @@ def schema_version(conn: sqlite3.Connection) -> int | None:
     if row is None:
         return None
     version = int(row[0])
+    if version < SCHEMA_VERSION:
+        raise StoreError(
+            f"store schema version {version} (one row per metric value) is older than the "
+            f"version this penwatch reads and writes ({SCHEMA_VERSION}, one packed row per "
+            "step); it cannot be upgraded in place: read it with the penwatch that wrote "
+            "it, and give new runs a new store file"
+        )
     if version > SCHEMA_VERSION:
         raise StoreError(
             f"store schema version {version} is newer than this penwatch supports "
@@ -175,30 +194,20 @@ def schema_version(conn: sqlite3.Connection) -> int | None:
     return version
 
 
-# Migrations from version k to k + 1, run in order inside one transaction. Version 1 is
-# the first; a future version appends its upgrade statements here.
-MIGRATIONS: dict[int, str] = {}
-
-
 def ensure_schema(conn: sqlite3.Connection) -> None:
-    """Create the schema in an empty database or migrate an older one to the current version."""
-    version = schema_version(conn)
-    if version == SCHEMA_VERSION:
+    """Create the schema in an empty database (a store of this version is left as is)."""
+    if schema_version(conn) == SCHEMA_VERSION:
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
-        if version is None:
+        if schema_version(conn) is None:  # re-checked under the write lock
             for statement in _statements(DDL):
                 conn.execute(statement)
-        else:
-            for v in range(version, SCHEMA_VERSION):
-                for statement in _statements(MIGRATIONS[v]):
-                    conn.execute(statement)
-        conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (str(SCHEMA_VERSION),),
-        )
+            conn.executemany("INSERT INTO pow2 (e, v) VALUES (?, ?)", pow2_rows())
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

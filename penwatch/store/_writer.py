@@ -29,12 +29,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from penwatch.schema import RUN_STATUSES, Event, RunInfo, StepRecord
-from penwatch.store._rows import ROLLUP_SQL, STEP_KEYS, key_parts, rollup_rows, step_row
-from penwatch.store._schema import (
-    StoreUnavailableError,
-    writer_connection,
-)
+from penwatch.store import _packed
+from penwatch.store._packed import STEP_KEYS
+from penwatch.store._rows import key_parts, step_row
+from penwatch.store._schema import ROLLUP_WIDTHS, StoreUnavailableError, writer_connection
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ class StoreWriter:
         self._finished: dict[tuple[str, int], tuple[str, float]] = {}
         self._run_ids: dict[tuple[str, int], int] = {}
         self._series_ids: dict[tuple[int, str, str], int] = {}
-        self._layout_sids: dict[tuple[int, str, Any], list[int]] = {}
+        self._layouts: dict[tuple[int, str, Any], int] = {}
+        self._buckets: dict[tuple[int, int], tuple[int, dict[str, Any]]] = {}
         self._pending: collections.deque[StepRecord | Event] = collections.deque()
         self._pending_ids: set[int] = set()
         self._notes: list[Event] = []
@@ -213,7 +215,8 @@ class StoreWriter:
             self._conn = None
         self._run_ids.clear()
         self._series_ids.clear()
-        self._layout_sids.clear()
+        self._layouts.clear()
+        self._buckets.clear()
 
     def _write_heartbeat(self, conn: sqlite3.Connection) -> None:
         now = time.time()
@@ -249,7 +252,8 @@ class StoreWriter:
             self.recreated += 1
             self._run_ids.clear()
             self._series_ids.clear()
-            self._layout_sids.clear()
+            self._layouts.clear()
+            self._buckets.clear()
             now = time.time()
             for run, process in self._infos:
                 self._notes.append(
@@ -279,8 +283,7 @@ class StoreWriter:
         started = info.started_at if info else wall
         row = conn.execute(
             "INSERT INTO runs (name, process, started_at, updated_at, status, version, backend,"
-            " devices, config, metrics_from) VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?,"
-            " (SELECT coalesce(max(id), 0) FROM metrics))"
+            " devices, config) VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?)"
             " ON CONFLICT (name, process) DO UPDATE SET status = 'running', finished_at = NULL,"
             " version = coalesce(excluded.version, version),"
             " backend = coalesce(excluded.backend, backend),"
@@ -334,53 +337,123 @@ class StoreWriter:
     def _write_batch(self, conn: sqlite3.Connection, batch: list[StepRecord | Event]) -> None:
         if not batch:
             return
-        sids: list[int] = []
-        steps: list[int] = []
-        vals: list[float] = []
+        groups: dict[int, list[int]] = {}  # layout id -> positions in step_rows
         step_rows: list[tuple[Any, ...]] = []
+        records: list[StepRecord] = []
         last_step: dict[int, tuple[int, float]] = {}
         for item in batch:
             if isinstance(item, Event):
                 self._insert_event(conn, item)
                 continue
             run_id = self._run_id(conn, item.run, item.process, item.wall_time)
-            row = step_row(run_id, item)
-            # series ids of a record's keys, resolved once per layout (not per key)
-            layout_sids = self._layout_sids.get((run_id, item.pipeline, item.layout))
-            if layout_sids is None:
-                if len(self._layout_sids) >= 1024:  # keys that change every step
-                    self._layout_sids.clear()
-                layout_sids = [self._sid(conn, run_id, item, key) for key in item.values]
-                self._layout_sids[(run_id, item.pipeline, item.layout)] = layout_sids
-            sids.extend(layout_sids)
-            vals.extend(item.values.values())
-            n = len(layout_sids)
-            for key, value in zip(STEP_KEYS, row[4:8], strict=True):
-                if value is not None:
-                    sids.append(self._sid(conn, run_id, item, key))
-                    vals.append(value)
-                    n += 1
-            steps.extend([item.step] * n)
-            step_rows.append(row)
+            layout_id = self._layout_id(conn, run_id, item)
+            groups.setdefault(layout_id, []).append(len(step_rows))
+            step_rows.append((*step_row(run_id, item), layout_id))
+            records.append(item)
             prev = last_step.get(run_id)
             last_step[run_id] = (max(item.step, prev[0]) if prev else item.step, item.wall_time)
-        conn.executemany(
-            "INSERT INTO metrics (series_id, step, value) VALUES (?, ?, ?)",
-            zip(sids, steps, vals, strict=True),
-        )
-        conn.executemany(
+        blobs: list[bytes] = [b""] * len(step_rows)
+        for layout_id, positions in groups.items():
+            members = [records[i] for i in positions]
+            values = np.array([list(r.values.values()) for r in members], dtype=np.float64)
+            values = values.reshape(len(members), -1)
+            for i, blob in zip(positions, _packed.encode_values(values), strict=True):
+                blobs[i] = blob
+            self._write_rollups(conn, layout_id, members, [step_rows[i] for i in positions], values)
+        conn.executemany(  # in write order: readers take steps by id
             "INSERT INTO steps (run_id, step, pipeline, wall_time, loss, total, duration_seconds,"
-            " nonfinite, trace_id, report) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            step_rows,
+            " nonfinite, trace_id, report, layout_id, vals)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(*row, blob) for row, blob in zip(step_rows, blobs, strict=True)],
         )
-        if sids:
-            conn.executemany(ROLLUP_SQL, rollup_rows(sids, steps, vals))
         for run_id, (step, wall) in last_step.items():
             conn.execute(
                 "UPDATE runs SET updated_at = max(updated_at, ?),"
                 " last_step = max(coalesce(last_step, ?), ?) WHERE id = ?",
                 (wall, step, step, run_id),
             )
+
+    def _write_rollups(
+        self,
+        conn: sqlite3.Connection,
+        layout_id: int,
+        members: list[StepRecord],
+        rows: list[tuple[Any, ...]],
+        values: np.ndarray,
+    ) -> None:
+        """Merge the steps of one layout into its rollup buckets at every width."""
+        columns = [row[4:8] for row in rows]  # loss, total, duration, nonfinite
+        present = np.array([[v is not None for v in c] for c in columns], dtype=bool)
+        step_values = np.array(
+            [[np.nan if v is None else v for v in c] for c in columns], dtype=np.float64
+        )
+        entries = np.concatenate([step_values, values], axis=1)
+        present = np.concatenate([present, np.ones(values.shape, dtype=bool)], axis=1)
+        steps = np.array([r.step for r in members], dtype=np.int64)
+        order = np.argsort(steps, kind="stable")
+        steps, entries, present = steps[order], entries[order], present[order]
+        for width in ROLLUP_WIDTHS:
+            for bucket, part in _packed.bucket_sums(steps, entries, present, width):
+                self._write_bucket(conn, layout_id, width, bucket, part)
+
+    def _write_bucket(
+        self,
+        conn: sqlite3.Connection,
+        layout_id: int,
+        width: int,
+        bucket: int,
+        part: dict[str, Any],
+    ) -> None:
+        """Merge a batch's part of one bucket into the stored bucket (the open bucket of
+        each layout and width is kept here, so it is read from the file only once)."""
+        held = self._buckets.get((layout_id, width))
+        if held is not None and held[0] == bucket:
+            old = held[1]
+        else:
+            row = conn.execute(
+                "SELECT step_lo, step_hi, n, n_nan, n_inf, vmin, vmax, vsum FROM rollups"
+                " WHERE layout_id = ? AND width = ? AND bucket = ?",
+                (layout_id, width, bucket),
+            ).fetchone()
+            old = None if row is None else _packed.decode_bucket(row)
+        merged = part if old is None else _packed.merge_bucket(old, part)
+        self._buckets[(layout_id, width)] = (bucket, merged)
+        conn.execute(
+            "INSERT INTO rollups (layout_id, width, bucket, step_lo, step_hi, n, n_nan, n_inf,"
+            " vmin, vmax, vsum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (layout_id, width, bucket) DO UPDATE SET step_lo = excluded.step_lo,"
+            " step_hi = excluded.step_hi, n = excluded.n, n_nan = excluded.n_nan,"
+            " n_inf = excluded.n_inf, vmin = excluded.vmin, vmax = excluded.vmax,"
+            " vsum = excluded.vsum",
+            (layout_id, width, bucket, *_packed.encode_bucket(merged)),
+        )
+
+    def _layout_id(self, conn: sqlite3.Connection, run_id: int, record: StepRecord) -> int:
+        """The stored layout of a record's keys (registered once per run and pipeline)."""
+        cache_key = (run_id, record.pipeline, record.layout)
+        layout_id = self._layouts.get(cache_key)
+        if layout_id is not None:
+            return layout_id
+        if len(self._layouts) >= 1024:  # keys that change every step
+            self._layouts.clear()
+        for key in STEP_KEYS:
+            self._sid(conn, run_id, record, key)
+        sids = [self._sid(conn, run_id, record, key) for key in record.values]
+        signature = ",".join(map(str, sids))
+        conn.execute(
+            "INSERT OR IGNORE INTO layouts (run_id, pipeline, size, signature) VALUES (?, ?, ?, ?)",
+            (run_id, record.pipeline, len(sids), signature),
+        )
+        layout_id = conn.execute(
+            "SELECT id FROM layouts WHERE run_id = ? AND pipeline = ? AND signature = ?",
+            (run_id, record.pipeline, signature),
+        ).fetchone()[0]
+        conn.executemany(
+            "INSERT OR IGNORE INTO layout_series (layout_id, idx, series_id) VALUES (?, ?, ?)",
+            [(layout_id, i, sid) for i, sid in enumerate(sids)],
+        )
+        self._layouts[cache_key] = layout_id
+        return layout_id
 
     def _sid(self, conn: sqlite3.Connection, run_id: int, record: StepRecord, key: str) -> int:
         sid = self._series_ids.get((run_id, record.pipeline, key))
