@@ -227,3 +227,19 @@ def test_small_inputs_take_the_stacked_vjp_path(monkeypatch):
         np.testing.assert_allclose(m[key], ref[key], rtol=1e-12, err_msg=key)
     jax.make_jaxpr(lambda x: pipe._compute(x, True))(_logprobs((160, 120)))
     assert calls == [1]
+
+
+def test_fused_path_bfloat16():
+    """bf16 input: closed forms work on the float32 upcast, VJPs round gradients to bf16."""
+    x = _logprobs((160, 120)).astype(jnp.bfloat16)
+    fused, fallback = _mixed(_builtin_pipe()), _mixed(_as_custom(_builtin_pipe()))
+    (_, m1), (_, m2) = (
+        fused.compute(x, track_grad_norms=True),
+        fallback.compute(x, track_grad_norms=True),
+    )
+    for key in m1:
+        if key.endswith("grad_norm"):
+            assert m1[key].dtype == jnp.float32
+            np.testing.assert_allclose(m1[key], m2[key], rtol=1e-2, err_msg=key)
+        else:
+            np.testing.assert_array_equal(m1[key], m2[key], err_msg=key)
