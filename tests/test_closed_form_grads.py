@@ -21,7 +21,7 @@ import pytest
 
 import penwatch as pw
 from penwatch.penalties import elastic_net, entropy, l1, l2, output_magnitude_penalty
-from penwatch.penalties._closed_form import input_grad
+from penwatch.penalties._closed_form import has_input_grad, input_grad
 from penwatch.pipelines._grad_norms import STACK_MAX_ELEMENTS, ClosedFormTerm
 
 CENTER, CLIP = 0.25, 0.5  # exact in bfloat16: center ± clip sits on the boundary exactly
@@ -116,6 +116,9 @@ def test_not_covered_falls_back():
     assert input_grad(lambda x: jnp.sum(x), x, {}) is None
     assert input_grad(l1, x, {"reduction": "none"}) is None
     assert input_grad(l1, jnp.ones((3, 4), jnp.int32), {}) is None
+    assert input_grad(entropy, jnp.zeros(()), {}) is None
+    assert not has_input_grad(l1, x, {"reduction": "none"})
+    assert has_input_grad(l2, x, {"center": "mean", "clip": 1.0})
 
 
 def _builtin_pipe() -> pw.Pipeline:

@@ -39,7 +39,7 @@ from penwatch.penalties._divergences import ENTROPY_LOGPROB_FLOOR, entropy
 from penwatch.penalties._gradient import output_magnitude_penalty
 from penwatch.penalties._norms import elastic_net, l1, l2
 
-__all__ = ["InputGrad", "input_grad"]
+__all__ = ["InputGrad", "has_input_grad", "input_grad"]
 
 
 class InputGrad(NamedTuple):
@@ -128,9 +128,7 @@ def _elastic_net(y: jax.Array, o: dict[str, Any]) -> InputGrad:
     return InputGrad(terms, finish, lambda: c * (r * jnp.sign(y) + 2 * (1 - r) * y))
 
 
-def _entropy(lp: jax.Array, o: dict[str, Any]) -> InputGrad | None:
-    if o["reduction"] == "none" or lp.ndim < 1:
-        return None
+def _entropy(lp: jax.Array, o: dict[str, Any]) -> InputGrad:
     n = lp.shape[-1]
     rows = lp.size // n if n else 0
     c = jnp.asarray(1.0 if o["mode"] == "penalty" else -1.0, lp.dtype)
@@ -166,7 +164,7 @@ def _output_magnitude(z: jax.Array, o: dict[str, Any]) -> InputGrad:
     return InputGrad(lambda: (), lambda sums: sq_norm, lambda: inv * z)
 
 
-_TABLE: dict[Callable[..., Any], Callable[[jax.Array, dict[str, Any]], InputGrad | None]] = {
+_TABLE: dict[Callable[..., Any], Callable[[jax.Array, dict[str, Any]], InputGrad]] = {
     l1: _l1,
     l2: _l2,
     elastic_net: _elastic_net,
@@ -175,29 +173,39 @@ _TABLE: dict[Callable[..., Any], Callable[[jax.Array, dict[str, Any]], InputGrad
 }
 
 
+def has_input_grad(fn: Callable[..., Any], x: Any, options: Mapping[str, Any]) -> bool:
+    """Whether :func:`input_grad` covers ``fn(x, **options)`` (nothing is computed).
+
+    True for the element-wise built-ins on a floating array, except per-element values
+    (``reduction="none"``, which a pipeline rejects anyway) and an ``entropy`` of a 0-d
+    input (which the penalty rejects).
+    """
+    try:
+        rule = _TABLE.get(fn)
+    except TypeError:  # an unhashable callable
+        return False
+    if rule is None or not isinstance(x, jax.Array):
+        return False
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return False
+    if fn is entropy and x.ndim < 1:
+        return False
+    return _options(fn, x, options).get("reduction") != "none"
+
+
 def input_grad(
     fn: Callable[..., Any], x: jax.Array, options: Mapping[str, Any]
 ) -> InputGrad | None:
     """The closed-form input gradient of ``fn(x, **options)``, or None.
 
-    None when ``fn`` is not one of the element-wise built-ins, when ``x`` is not a
-    floating array, or for an option the closed form does not cover (per-element values,
-    ``reduction="none"``, which a pipeline rejects anyway): the caller then takes a VJP.
+    None where :func:`has_input_grad` is False (not an element-wise built-in, not a
+    floating array, per-element values): the caller then takes a VJP.
 
     Args:
       fn: the penalty function (a built-in is recognized by identity).
       x: its one input array.
       options: its keyword options (validated by the penalty itself).
     """
-    try:
-        rule = _TABLE.get(fn)
-    except TypeError:  # an unhashable callable
+    if not has_input_grad(fn, x, options):
         return None
-    if rule is None or not isinstance(x, jax.Array):
-        return None
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        return None
-    o = _options(fn, x, options)
-    if o.get("reduction") == "none":
-        return None
-    return rule(_common.upcast(x), o)
+    return _TABLE[fn](_common.upcast(x), _options(fn, x, options))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from penwatch import _checks, events
-from penwatch.penalties._closed_form import input_grad
+from penwatch.penalties._closed_form import has_input_grad, input_grad
 from penwatch.pipelines import _builtins
 from penwatch.pipelines._builtins import builtin_arity
 from penwatch.pipelines._grad_norms import ClosedFormTerm, fused_grad_norms
@@ -336,7 +336,7 @@ class _PipelineBase:
         if leaf is None:
             return value
         options = dict(spec.options)
-        if input_grad(spec.fn, jnp.asarray(flat[leaf][1]), options) is None:
+        if not has_input_grad(spec.fn, jnp.asarray(flat[leaf][1]), options):
             return value
         return ClosedFormTerm(value, leaf, lambda x: input_grad(spec.fn, x, options))
 
