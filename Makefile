@@ -36,6 +36,8 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# PENWATCH_BENCH_QUICK=1 make bench: a quick run (few repeats, small scaling sweeps, plots
+# in bench-results/); the full run redraws docs/img/scaling_*.png.
 bench: $(STAMP)
 	$(PY) -m benchmarks
 

@@ -8,7 +8,9 @@ dashboard's 200,000-step store) run last: runs that followed it measured the mon
 and the kernel's memory reclaim thread was busy afterwards. Exit status is 1 when a bar
 fails.
 
-Usage: ``python -m benchmarks [name ...]`` (names filter the modules, e.g. ``pipeline``).
+Usage: ``python -m benchmarks [name ...]`` (names filter the modules, e.g. ``pipeline``);
+``PENWATCH_BENCH_QUICK=1`` for a quick run (fewer repeats, small scaling sweeps, plots
+written to ``bench-results/`` instead of ``docs/img/``).
 """
 
 from __future__ import annotations
@@ -18,11 +20,10 @@ import importlib
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 
-from benchmarks._harness import Report, Row
+from benchmarks._harness import Report, Row, machine, quick
 
 _ROWS = "PENWATCH_BENCH_ROWS"  # where a child process writes its rows (JSON)
 LAST = ("bench_dashboard",)
@@ -35,7 +36,7 @@ def main(argv: list[str]) -> int:
     names = sorted((p.stem for p in here.glob("bench_*.py")), key=lambda n: (n in LAST, n))
     if argv:
         names = [n for n in names if any(a in n for a in argv)]
-    print(_machine(), flush=True)
+    print(machine() + ("  (QUICK mode)" if quick() else ""), flush=True)
     report = Report()
     for name in names:
         print(f"== {name}", flush=True)
@@ -59,17 +60,6 @@ def _run_one(name: str, out: pathlib.Path) -> int:
     importlib.import_module(f"benchmarks.{name}").run(report)
     out.write_text(json.dumps([dataclasses.asdict(row) for row in report.rows]))
     return 0
-
-
-def _machine() -> str:
-    import jax
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (
-        f"machine: {platform.machine()} {platform.processor() or ''} cpus={cpus} "
-        f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} "
-        f"jax={jax.__version__}"
-    )
 
 
 if __name__ == "__main__":

@@ -7,12 +7,33 @@ repeated, and are summarized by their median.
 from __future__ import annotations
 
 import dataclasses
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+
+QUICK_ENV = "PENWATCH_BENCH_QUICK"
+"""Set to 1 for a quick run (``PENWATCH_BENCH_QUICK=1 make bench``): fewer repeats and
+smaller scaling sweeps, for checking that the benchmarks run; not for the docs' figures."""
+
+
+def quick() -> bool:
+    """True in quick mode (:data:`QUICK_ENV` set to anything but ``""``/``0``)."""
+    return os.environ.get(QUICK_ENV, "") not in ("", "0")
+
+
+def machine() -> str:
+    """The machine in one line: architecture, CPUs available, JAX backend and device."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (
+        f"machine: {platform.machine()} {platform.processor() or ''} cpus={cpus} "
+        f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} "
+        f"jax={jax.__version__}"
+    )
 
 
 def time_call(fn: Callable[[], Any], *, repeats: int = 20, warmup: int = 3) -> float:

@@ -1,14 +1,15 @@
 """Gradient norms and gradient diagnostics: what one pass costs (SPEC sections 3, 4, 9).
 
 * Per-penalty input-gradient norms (``compute(x, track_grad_norms=True)``, ≥ 4
-  differentiable penalties) vs a plain ``jax.value_and_grad`` of ``compute_total``:
-  ≤ 1.5×; and vs one separate jitted pass per penalty giving the same information (its
-  value and gradient norm; plus one pass for the total's gradient norm, as the seed's
-  ``GradientTracker.total_grad_norm``): ≥ 2× faster. Three workloads: log-probabilities
-  of a classifier head ``[256, 10]``, log-probabilities ``[1024, 256]`` (5 penalties:
-  l1, l2, elastic_net, entropy, output_magnitude), and activations ``[256, 128]``
-  (l1, l2, orthogonality, output_magnitude). Informative: the seed's pattern, a
-  ``float()`` host sync after each penalty's pass.
+  differentiable penalties, the element-wise built-ins by their closed forms) vs a plain
+  ``jax.value_and_grad`` of ``compute_total``: ≤ 1.2×; and, where the pipeline holds ≥ 3
+  element-wise penalties, vs one separate jitted pass per penalty giving the same
+  information (its value and gradient norm; plus one pass for the total's gradient norm,
+  as the seed's ``GradientTracker.total_grad_norm``): ≥ 2× faster. Three workloads:
+  log-probabilities of a classifier head ``[256, 10]``, log-probabilities
+  ``[1024, 256]`` (5 penalties: l1, l2, elastic_net, entropy, output_magnitude), and
+  activations ``[256, 128]`` (l1, l2, orthogonality, output_magnitude). Informative:
+  the seed's pattern, a ``float()`` host sync after each penalty's pass.
 * Gradient diagnostics (per-term parameter-gradient norms, shares, cosines; 3 model
   terms + 1 closed-form parameter term) vs a plain ``value_and_grad`` of the total loss of
   a small MLP (SPEC sets no bar: reported for the "every N steps" trade-off).
@@ -23,7 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import penwatch as pw
-from benchmarks._harness import Report, time_interleaved
+from benchmarks._harness import Report, quick, time_interleaved
+
+ELEMENTWISE = frozenset({"l1", "l2", "elastic_net", "entropy", "output_magnitude"})
+"""The built-ins whose input-gradient norms have closed forms (SPEC §9)."""
+
+REPEATS = 5 if quick() else 25
 
 
 def _penalty_pipeline() -> pw.Pipeline:
@@ -91,22 +97,24 @@ def bench_input_grad_norms(report: Report, shape: str, pipe: pw.Pipeline, x: jax
             "per_penalty": per_penalty,
             "seed_pattern": seed_pattern,
         },
-        repeats=25,
+        repeats=REPEATS,
         warmup=3,
     )
     ratio = t["one_pass"] / t["value_and_grad"]
     report.add(
         f"one-pass grad norms ({len(pipe)} penalties, {shape}) / value_and_grad",
         ratio,
-        bar="<= 1.5x",
-        passed=ratio <= 1.5,
+        bar="<= 1.2x",
+        passed=ratio <= 1.2,
     )
     speedup = t["per_penalty"] / t["one_pass"]
+    elementwise = sum(n in ELEMENTWISE for n in pipe.names)
     report.add(
-        f"one pass per penalty (+ total), {shape} / one-pass grad norms",
+        f"one pass per penalty (+ total), {shape} ({elementwise} element-wise) "
+        "/ one-pass grad norms",
         speedup,
-        bar=">= 2x",
-        passed=speedup >= 2.0,
+        bar=">= 2x" if elementwise >= 3 else "(< 3 element-wise: no bar)",
+        passed=speedup >= 2.0 if elementwise >= 3 else None,
     )
     report.add(
         f"seed pattern (pass + float() per penalty), {shape} / one-pass grad norms",

@@ -20,8 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from penwatch import _checks, events
+from penwatch.penalties._closed_form import has_input_grad, input_grad
 from penwatch.pipelines import _builtins
-from penwatch.pipelines._grad_norms import grad_norms
+from penwatch.pipelines._builtins import builtin_arity
+from penwatch.pipelines._grad_norms import ClosedFormTerm, fused_grad_norms
 from penwatch.schema import PENALTY_QUANTITIES, Metrics, penalty_key
 
 RESERVED_NAMES = frozenset({"total", "total_grad_norm", "loss", "base_loss", "base"})
@@ -315,6 +317,29 @@ class _PipelineBase:
             )
         return value
 
+    def _input_path(self, spec: _Spec) -> tuple[Any, ...] | None:
+        """The key path of the one input array ``spec``'s function takes, or None."""
+        raise NotImplementedError
+
+    def _grad_term(self, spec: _Spec, inputs: Any) -> Callable[[Any], jax.Array] | ClosedFormTerm:
+        """The entry as a closed-form term where its gradient has one, else its function.
+
+        Closed forms exist for the element-wise built-ins applied to one input array
+        (``penwatch.penalties._closed_form``); everything else takes a VJP.
+        """
+        value = functools.partial(self._value, spec)
+        path = self._input_path(spec)
+        if path is None or builtin_arity(spec.fn) is None:
+            return value
+        flat = jax.tree_util.tree_flatten_with_path(inputs)[0]
+        leaf = next((i for i, (p, _) in enumerate(flat) if p == path), None)
+        if leaf is None:
+            return value
+        options = dict(spec.options)
+        if not has_input_grad(spec.fn, jnp.asarray(flat[leaf][1]), options):
+            return value
+        return ClosedFormTerm(value, leaf, lambda x: input_grad(spec.fn, x, options))
+
     def _compute(self, inputs: Any, track: bool) -> tuple[jax.Array, Metrics]:
         active = [(s, w) for s, w in zip(self._specs, self._weights, strict=True) if s.enabled]
         if not active:
@@ -325,9 +350,11 @@ class _PipelineBase:
         total_norm = jnp.zeros((), jnp.float32)
         diff = [i for i, (s, _) in enumerate(active) if s.differentiable] if track else []
         if diff:
-            fns = [functools.partial(self._value, active[i][0]) for i in diff]
+            terms = [self._grad_term(active[i][0], inputs) for i in diff]
             weights = jnp.stack([active[i][1] for i in diff])
-            diff_values, diff_norm_vec, total_norm = grad_norms(fns, inputs, weights=weights)
+            diff_values, diff_norm_vec, total_norm = fused_grad_norms(
+                terms, inputs, weights=weights
+            )
             for j, i in enumerate(diff):
                 values[i] = diff_values[j]
                 norms[active[i][0].name] = j

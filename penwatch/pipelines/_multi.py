@@ -124,6 +124,11 @@ class MultiPipeline(_PipelineBase):
     def _call(self, spec: _Spec, inputs: Any) -> Any:
         return spec.fn(*(inputs[k] for k in spec.inputs or ()), **dict(spec.options))
 
+    def _input_path(self, spec: _Spec) -> tuple[Any, ...] | None:
+        if spec.inputs is None or len(spec.inputs) != 1:
+            return None
+        return (jax.tree_util.DictKey(spec.inputs[0]),)
+
     def _prepare(self, where: str, inputs: Any) -> dict[str, Any]:
         if not isinstance(inputs, Mapping):
             raise _checks.option_error(

@@ -127,5 +127,8 @@ class Pipeline(_PipelineBase):
     def _call(self, spec: _Spec, inputs: Any) -> Any:
         return spec.fn(inputs, **dict(spec.options))
 
+    def _input_path(self, spec: _Spec) -> tuple[Any, ...] | None:
+        return ()  # the pipeline input itself, when it is one array
+
     def _prepare(self, where: str, inputs: Any) -> Any:
         return inputs
