@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
-
-pytest.importorskip("matplotlib")
-
-from benchmarks import bench_scaling
+from benchmarks import bench_scaling  # needs matplotlib (the dev extra): fails loudly without
 
 
 def test_draw_writes_one_png_per_sweep(tmp_path, monkeypatch):
