@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.penwatch-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[all,dev]'
 	touch $(STAMP)
 
 # Debian packages the integration tests drive for real (Prometheus, Alertmanager,
