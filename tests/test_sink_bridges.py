@@ -18,9 +18,9 @@ from penwatch.store._synthetic import synthetic_record
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
 
-from mlflow import MlflowClient  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
+from mlflow import MlflowClient
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 STEPS, NAN_AT, ALERT_AT = 30, 12, 20
 CONFIG = {"lr": 0.01, "model": {"hidden": 64, "act": "tanh"}, "seed": 3}
@@ -163,7 +163,7 @@ def _by_step(metric):
     return metric.step
 
 
-def test_mlflow_partly_failed_batch_is_retried_without_duplicates(tmp_path):
+def test_mlflow_partly_failed_batch_is_retried_without_duplicates(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sink = pw.sinks.MLflow(tracking_uri=uri, experiment="retry")
     calls = {"n": 0}
@@ -176,14 +176,8 @@ def test_mlflow_partly_failed_batch_is_retried_without_duplicates(tmp_path):
         return log_batch(run_id, metrics=metrics, params=params, tags=tags)
 
     sink.client.log_batch = flaky
-    import penwatch.sinks._mlflow as mod
-
-    limit = mod.MAX_METRICS_PER_CALL
-    mod.MAX_METRICS_PER_CALL = 100  # several calls per batch
-    try:
-        monitor, seen = _run("ml-retry", sink)
-    finally:
-        mod.MAX_METRICS_PER_CALL = limit
+    monkeypatch.setattr("penwatch.sinks._mlflow.MAX_METRICS_PER_CALL", 100)  # calls per batch
+    monitor, _ = _run("ml-retry", sink)
     stats = monitor.stats.sinks["MLflow"]
     assert stats.written == STEPS and stats.errors >= 1
     client = MlflowClient(tracking_uri=uri)
