@@ -45,7 +45,7 @@ class Progress:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._min_gap = 1.0 / refresh if self.tty else every_seconds
         self._lock = threading.Lock()
-        self._started = time.monotonic()
+        self._first: float | None = None  # when the first record arrived (after compiling)
         self._last_draw = -math.inf
         self._shown = ""
         self.steps = 0
@@ -65,7 +65,8 @@ class Progress:
         rec = self.last
         if rec is None:
             return "penwatch demo: compiling the train step..."
-        rate = self.steps / max(time.monotonic() - self._started, 1e-9)
+        elapsed = time.monotonic() - (self._first or 0.0)
+        rate = (self.steps - 1) / elapsed if self.steps > 1 and elapsed > 0 else 0.0
         of = f"/{self.total}" if self.total else ""
         parts = [f"step {rec.step + 1}{of}", f"{rate:.1f} steps/s"]
         if rec.loss is not None:
@@ -114,6 +115,8 @@ class Progress:
         return _AboveTheLine(self, level=level)
 
     def _on_record(self, record: StepRecord) -> None:
+        if self._first is None:
+            self._first = time.monotonic()
         self.steps += 1
         self.last = record
         if not record.ok:
