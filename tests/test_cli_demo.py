@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import re
 import signal
@@ -14,6 +16,7 @@ import urllib.request
 import pytest
 
 from penwatch import cli
+from penwatch.schema import Event
 
 
 def test_demo_runs_end_to_end(tmp_path):
@@ -116,3 +119,36 @@ def test_demo_trains_until_ctrl_c_with_metrics_live(tmp_path):
         (status, last) = conn.execute("SELECT status, last_step FROM runs").fetchone()
         (stored,) = conn.execute("SELECT COUNT(*) FROM steps").fetchone()
     assert status == "stopped" and stored == int(done.group(1)) == last + 1
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_line_is_rewritten_in_place_with_logs_above_it(monkeypatch):
+    from penwatch._demo._progress import Progress
+    from penwatch.store._synthetic import synthetic_record
+
+    term = _Terminal()
+    progress = Progress(10, stream=term, refresh=1e9)
+    monkeypatch.setattr(sys, "stderr", term)
+    handler = progress.log_handler()
+    logger = logging.getLogger("penwatch.test-progress")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        sink = progress.sink()
+        for step in range(3):
+            sink.write_step(synthetic_record("r", step, nan=step == 1))
+        sink.write_event(Event("r", 0, 2, 0.0, "alert", "LossSpike", "m"))
+        logger.warning("a warning")
+        progress.finish()
+    finally:
+        logger.removeHandler(handler)
+    text = term.getvalue()
+    assert "\n" not in text.split("a warning")[0]  # only \r rewrites before the log line
+    last = text.rstrip("\n").split("\r\x1b[K")[-1]
+    assert last.startswith("penwatch demo: step 3/10 |")
+    assert "non-finite steps 1" in last and "alerts 1" in last
+    assert text.endswith("\n")
