@@ -110,7 +110,8 @@ class MLflow(Sink):
         self.batch_size = _checks.check_int(_FN, "batch_size", batch_size, min=1)
         self.max_delay = _checks.check_nonnegative(_FN, "max_delay", max_delay)
         self.max_pending = _checks.check_int(_FN, "max_pending", max_pending, min=1)
-        self._logged: set[int] = set()  # ids of records of a partly logged batch
+        # records of a partly logged batch, by id (held, so an id cannot be reused)
+        self._logged: dict[int, StepRecord] = {}
         self._event_counts: dict[str, int] = {}
         self._params_logged = False
 
@@ -199,7 +200,7 @@ class MLflow(Sink):
     def _log_metrics(self, metrics: list[Any], records: list[StepRecord]) -> None:
         with self._calls("write_steps"):
             self.client.log_batch(self.run_id, metrics=metrics)
-        self._logged.update(id(r) for r in records)
+        self._logged.update((id(r), r) for r in records)
 
     def _calls(self, what: str) -> _Classify:
         return _Classify(self._error, what)

@@ -31,7 +31,9 @@ class TensorBoard(Sink):
       kept: TensorBoard shows them), and the device time as ``penwatch/duration_seconds``;
     * a step with non-finite values also as text ``penwatch/nonfinite`` (the keys, first
       offender first); every event (non-finite report, alert, dropped records) as text
-      ``penwatch/<kind>/<name>`` (``step 10 [warning] NonFinite: ...``);
+      ``penwatch/<kind>/<name>`` (``step 10 [warning] NonFinite: ...``), at the latest
+      step already written when the event's own step is older (TensorBoard's reader
+      takes a step going back for a restart and discards what follows);
     * the run configuration and identity as hyperparameters (the HParams tab), and how
       the run ended as text ``penwatch/status``.
 
