@@ -7,6 +7,7 @@ prometheus-client, opentelemetry-api). Everything else is an extra (SPEC section
 * ``otlp``: opentelemetry-sdk and the OTLP/HTTP exporter (the CLI's span export);
 * ``tensorboard``: tensorboardX (``pw.sinks.TensorBoard``);
 * ``mlflow``: mlflow-skinny (``pw.sinks.MLflow``);
+* ``wandb``: wandb (``pw.sinks.WandB``);
 * ``progress``: tqdm (``pw.trainer(progress=True)``);
 * ``all``: every one of them.
 
@@ -28,6 +29,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "otlp": ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http"),
     "tensorboard": ("tensorboardX",),
     "mlflow": ("mlflow",),
+    "wandb": ("wandb",),
     "progress": ("tqdm",),
 }
 """Each extra and the top-level modules it provides (``pyproject.toml`` declares them)."""

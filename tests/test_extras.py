@@ -54,13 +54,14 @@ def _tiny_trainer(**options):
     [
         (("tensorboardX",), "tensorboard", lambda tmp: pw.sinks.TensorBoard(tmp)),
         (("mlflow",), "mlflow", lambda tmp: pw.sinks.MLflow(tracking_uri="sqlite:///x.db")),
+        (("wandb",), "wandb", lambda tmp: pw.sinks.WandB(mode="offline")),
         (
             ("tqdm",),
             "progress",
             lambda tmp: _tiny_trainer(progress=True),
         ),
     ],
-    ids=["tensorboard", "mlflow", "progress"],
+    ids=["tensorboard", "mlflow", "wandb", "progress"],
 )
 def test_each_feature_names_its_extra(monkeypatch, tmp_path, modules, extra, use):
     _hide(monkeypatch, *modules)
@@ -100,15 +101,23 @@ def test_pyproject_extras_match_the_table():
     assert set(_extras.EXTRAS) | {"all", "dev"} == set(extras)
     assert extras["all"] == [f"penwatch[{','.join(_extras.EXTRAS)}]"]
     core = " ".join(project["dependencies"])
-    for heavy in ("streamlit", "opentelemetry-sdk", "otlp", "tqdm", "mlflow", "tensorboard"):
+    for heavy in (
+        "streamlit",
+        "opentelemetry-sdk",
+        "otlp",
+        "tqdm",
+        "mlflow",
+        "tensorboard",
+        "wandb",
+    ):
         assert heavy not in core
 
 
 def test_core_import_loads_no_optional_module():
     code = (
         "import sys, penwatch as pw; pw.sinks.SQLite; import penwatch.cli;"
-        "bad = [m for m in ('streamlit', 'opentelemetry.sdk', 'tqdm', 'mlflow', 'tensorboardX')"
-        " if m in sys.modules]; print(bad)"
+        "optional = ('streamlit', 'opentelemetry.sdk', 'tqdm', 'mlflow', 'tensorboardX', 'wandb');"
+        "print([m for m in optional if m in sys.modules])"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120

@@ -207,6 +207,8 @@ def test_bridges_validate_their_options(tmp_path):
         pw.sinks.MLflow(experiment="")
     with pytest.raises(ValueError, match="max_pending"):
         pw.sinks.MLflow(tracking_uri=f"sqlite:///{tmp_path / 'x.db'}", max_pending=0)
+    with pytest.raises(ValueError, match="WandB: option 'mode'"):
+        pw.sinks.WandB(mode="cloud")
 
 
 def test_tensorboard_disk_full_mid_batch_is_cut_off_and_retried_without_duplicates(
@@ -233,3 +235,72 @@ def test_tensorboard_disk_full_mid_batch_is_cut_off_and_retried_without_duplicat
     events = acc.Scalars("main/base_loss")
     assert [e.step for e in events] == list(range(STEPS))
     assert [e.value for e in events] == pytest.approx([r.values["base_loss"] for r in seen])
+
+
+def _wandb_run_file_records(path):
+    """The records of a W&B run file (``run-<id>.wandb``), parsed with W&B's own protocol
+    buffers: a 7-byte ``:W&B`` header, then LevelDB log framing (32 KiB blocks; each
+    fragment a CRC32C, a length, a type: full / first / middle / last)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # block trailer
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:  # zero padding to the block end
+            pos += left
+            continue
+        body, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a whole record, or the last fragment of one
+            yield wandb_internal_pb2.Record.FromString(pending + body)
+            pending = b""
+        else:
+            pending += body
+
+
+def test_wandb_offline_run_file_holds_every_metric_nan_alert_config_and_status(tmp_path):
+    pytest.importorskip("wandb")
+    import json
+
+    sink = pw.sinks.WandB(project="bridges", mode="offline", dir=tmp_path)
+    monitor, seen = _run("wb-run", sink)
+    assert monitor.stats.sinks["WandB"].written == STEPS
+    (path,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    history: dict[int, dict[str, float]] = {}
+    summary: dict[str, object] = {}
+    config: dict[str, object] = {}
+    exits = []
+    for record in _wandb_run_file_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            items = {
+                "/".join(i.nested_key) or i.key: json.loads(i.value_json)
+                for i in record.history.item
+            }
+            history[items["_step"]] = items
+        elif kind == "summary":
+            for u in record.summary.update:
+                summary["/".join(u.nested_key) or u.key] = json.loads(u.value_json)
+        elif kind == "run":
+            config.update({u.key: json.loads(u.value_json) for u in record.run.config.update})
+        elif kind == "exit":
+            exits.append(record.exit.exit_code)
+    assert sorted(history) == list(range(STEPS))
+    for rec in seen:
+        for key, value in rec.values.items():
+            got = float(history[rec.step][f"main/{key}"])
+            assert _same(got, value), (rec.step, key, got, value)
+    assert any(math.isnan(float(history[NAN_AT][f"main/{k}"])) for k in seen[NAN_AT].values)
+    alert = summary["penwatch.alert.TestAlert"]
+    assert alert.startswith(f"step {ALERT_AT} [critical] TestAlert:")
+    assert summary["penwatch.nonfinite.NonFinite"].startswith(f"step {NAN_AT} ")
+    assert summary["penwatch.status"] == "finished" and exits == [0]
+    assert config["lr"] == 0.01 and config["model.act"] == "tanh"
+    assert config["penwatch.run"] == "wb-run"

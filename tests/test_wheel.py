@@ -76,7 +76,7 @@ def test_wheel_carries_the_dashboard_inside_the_package(wheel):
     assert not [n for n in names if n.startswith("dashboard/")]  # no top-level package
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
     text = zipfile.ZipFile(wheel).read(metadata).decode()
-    for extra in ("dashboard", "otlp", "tensorboard", "mlflow", "progress", "all"):
+    for extra in ("dashboard", "otlp", "tensorboard", "mlflow", "wandb", "progress", "all"):
         assert f"Provides-Extra: {extra}" in text
     requires = [line for line in text.splitlines() if line.startswith("Requires-Dist:")]
     core = [line for line in requires if "extra ==" not in line]

@@ -9,6 +9,7 @@ from penwatch.sinks._otel import OpenTelemetry as OpenTelemetry
 from penwatch.sinks._prometheus import Prometheus as Prometheus
 from penwatch.sinks._sqlite import SQLite as SQLite
 from penwatch.sinks._tensorboard import TensorBoard as TensorBoard
+from penwatch.sinks._wandb import WandB as WandB
 
 __all__ = [
     "Callback",
@@ -20,4 +21,5 @@ __all__ = [
     "Sink",
     "SinkUnavailable",
     "TensorBoard",
+    "WandB",
 ]
