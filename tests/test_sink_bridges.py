@@ -304,3 +304,18 @@ def test_wandb_offline_run_file_holds_every_metric_nan_alert_config_and_status(t
     assert summary["penwatch.status"] == "finished" and exits == [0]
     assert config["lr"] == 0.01 and config["model.act"] == "tanh"
     assert config["penwatch.run"] == "wb-run"
+
+
+def test_wandb_that_cannot_start_never_breaks_training(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc credentials
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    sink = pw.sinks.WandB(mode="online", dir=tmp_path, max_pending=5)
+    monitor, _ = _run("wb-down", sink, close_timeout=3.0)
+    stats = monitor.stats.sinks["WandB"]
+    assert stats.written == 0 and stats.errors >= 1
+    assert stats.received == sum(stats.lost.values()) == STEPS
+    assert stats.lost["overflow"] == STEPS - 5
+    assert monitor.stats.sinks["Callback"].written == STEPS
