@@ -1,4 +1,5 @@
-# penwatch — the two commands are `make demo` and `make test`.
+# penwatch — the two commands are `make demo` and `make test`; both install the
+# package with every extra and the dev tools (.[all,dev]) into $(VENV) once per pyproject change.
 VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python

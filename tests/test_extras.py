@@ -123,3 +123,11 @@ def test_core_import_loads_no_optional_module():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_demo_without_streamlit_trains_without_the_dashboard(monkeypatch, capsys):
+    monkeypatch.setattr(_extras, "available", lambda module: module != "streamlit")
+    assert cli._start_dashboard("x.db", 8599) is None  # nothing started
+    err = capsys.readouterr().err
+    assert "the demo's dashboard needs the 'dashboard' extra" in err
+    assert "pip install 'penwatch[dashboard]'" in err and "training without it" in err
