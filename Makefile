@@ -1,4 +1,5 @@
-# penwatch — the two commands are `make demo` and `make test`.
+# penwatch — the two commands are `make demo` and `make test`; both install the
+# package with every extra and the dev tools (.[all,dev]) into $(VENV) once per pyproject change.
 VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
@@ -9,7 +10,7 @@ STAMP   := $(VENV)/.penwatch-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[all,dev]'
 	touch $(STAMP)
 
 # Debian packages the integration tests drive for real (Prometheus, Alertmanager,

@@ -22,6 +22,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from penwatch import _extras
+
 __all__ = ["main"]
 
 logger = logging.getLogger("penwatch.demo")
@@ -31,19 +33,20 @@ DEFAULT_DB = "runs/penwatch.db"
 _DEMO_HELP = """\
 Train a small MLP on synthetic data with five penalties (entropy of the predictions,
 output magnitude, orthogonality of the first layer, L1 and L2 of the weights) and
-gradient diagnostics every 5 steps, recording every step to:
+gradient diagnostics every 5 steps until Ctrl-C (or for --steps steps), recording every
+step to:
   * Prometheus: http://ADDR:PORT/metrics (--metrics-port, --metrics-addr or
     PENWATCH_METRICS_ADDR); the run goes on if the port is taken;
   * the SQLite store (--db) that the dashboard reads;
-  * the log (one line every 10 steps, and every alert);
+  * one progress line on the terminal (warnings and alerts are logged above it);
   * OpenTelemetry spans over OTLP/HTTP, only when OTEL_EXPORTER_OTLP_ENDPOINT,
     OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_TRACES_EXPORTER is set (the exporter
     reads the standard OTEL_* variables itself; service.name defaults to "penwatch").
 Alerts: NonFinite, GradientDominance, GradientConflict, LossSpike.
 --inject-nan-at K makes the orthogonality weight NaN at step K: watch the non-finite
 counter, the alert, the span status and the report naming the term and the leaf.
-Unless --no-dashboard, the Streamlit dashboard starts first on --dashboard-port and
-keeps running after training until Ctrl-C.
+Unless --no-dashboard, the Streamlit dashboard (the 'dashboard' extra) starts first on
+--dashboard-port; after a bounded run (--steps) it keeps running until Ctrl-C.
 """
 
 _DASHBOARD_HELP = """\
@@ -65,7 +68,12 @@ def _parser() -> argparse.ArgumentParser:
         description=_DEMO_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    demo.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
+    demo.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps (default: train until Ctrl-C, with /metrics live all along)",
+    )
     demo.add_argument("--db", default=DEFAULT_DB, help=f"SQLite store (default {DEFAULT_DB})")
     demo.add_argument("--run", default=None, help="run name (default demo-<date>-<time>)")
     demo.add_argument(
@@ -133,7 +141,17 @@ def _dashboard_env(db: str | None, prometheus: str | None) -> dict[str, str]:
     return env
 
 
+def _need_streamlit(feature: str) -> None:
+    """Raise :class:`~penwatch._extras.MissingExtraError` unless Streamlit is installed."""
+    _extras.require("streamlit", extra="dashboard", feature=feature, load=False)
+
+
 def _start_dashboard(db: str, port: int) -> subprocess.Popen[Any] | None:
+    try:
+        _need_streamlit("the demo's dashboard")
+    except _extras.MissingExtraError as exc:
+        print(f"penwatch demo: {exc}; training without it", file=sys.stderr, flush=True)
+        return None
     if not _app_path().exists():
         print(
             f"penwatch: the dashboard app ({_app_path()}) is not there; the store is {db}",
@@ -160,20 +178,21 @@ def _stop(proc: subprocess.Popen[Any] | None) -> None:
 def demo(args: argparse.Namespace) -> int:
     """``penwatch demo``: returns the exit status."""
     import penwatch as pw
-    from penwatch._demo import _train
+    from penwatch._demo import _progress, _train
     from penwatch._demo._tracing import configure_tracing, shutdown_tracing
 
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         print(f"penwatch demo: --steps must be >= 1, got {args.steps}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    progress = _progress.Progress(args.steps)
+    logging.basicConfig(level=logging.WARNING, handlers=[progress.log_handler()])
     run_name = args.run or time.strftime("demo-%Y%m%d-%H%M%S")
     pathlib.Path(args.db).parent.mkdir(parents=True, exist_ok=True)
     tracing = configure_tracing(service_name="penwatch")
     prometheus = pw.sinks.Prometheus(port=args.metrics_port, addr=args.metrics_addr)
-    sinks: list[pw.sinks.Sink] = [prometheus, pw.sinks.SQLite(args.db), pw.sinks.Logging(every=10)]
+    # warnings (non-finite steps) and alerts are logged; the step lines become the progress line
+    logs = pw.sinks.Logging(level=logging.DEBUG)
+    sinks: list[pw.sinks.Sink] = [prometheus, pw.sinks.SQLite(args.db), logs, progress.sink()]
     if tracing is not None:
         from opentelemetry import trace
 
@@ -193,11 +212,16 @@ def demo(args: argparse.Namespace) -> int:
         run_name,
         sinks=sinks,
         alerts=alerts,
-        config={"command": "penwatch demo", "steps": args.steps, "seed": args.seed},
+        config={
+            "command": "penwatch demo",
+            "steps": args.steps or "until stopped",
+            "seed": args.seed,
+        },
     )
     where = prometheus.url or f"(port {args.metrics_port} unavailable, see the log)"
+    length = f"{args.steps} steps" if args.steps else "training until Ctrl-C"
     print(
-        f"penwatch demo: run {run_name!r}: {args.steps} steps; metrics {where}; store "
+        f"penwatch demo: run {run_name!r}: {length}; metrics {where}; store "
         f"{args.db}" + ("; OTLP tracing on" if tracing else ""),
         flush=True,
     )
@@ -215,6 +239,7 @@ def demo(args: argparse.Namespace) -> int:
         status = 130
     finally:
         monitor.close()
+        progress.finish()
         if tracing is not None:
             shutdown_tracing(tracing[0])
     stats = monitor.stats
@@ -236,6 +261,11 @@ def demo(args: argparse.Namespace) -> int:
 
 def dashboard(args: argparse.Namespace) -> int:
     """``penwatch dashboard``: runs Streamlit in the foreground."""
+    try:
+        _need_streamlit("penwatch dashboard")
+    except _extras.MissingExtraError as exc:
+        print(f"penwatch dashboard: {exc}", file=sys.stderr)
+        return 1
     if not _app_path().exists():
         print(f"penwatch dashboard: {_app_path()} not found", file=sys.stderr)
         return 1

@@ -274,7 +274,8 @@ def test_dockerfile_installs_the_project_and_runs_the_cli():
     text = (DEPLOY / "Dockerfile").read_text()
     (base,) = re.findall(r"^FROM\s+(\S+)", text, flags=re.MULTILINE)
     assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim(-\w+)?", base), base
-    assert re.search(r"^RUN pip install \.", text, flags=re.MULTILINE)
+    # the extras the image's two commands need (SPEC section 14): OTLP export, Streamlit
+    assert re.search(r"^RUN pip install '\.\[dashboard,otlp\]'", text, flags=re.MULTILINE)
     assert 'ENTRYPOINT ["penwatch"]' in text
     assert '"--no-dashboard"' in text
     # The build context is filtered by the root .dockerignore (docker-compose v1 reads

@@ -5,6 +5,9 @@ OTLP/HTTP is configured only when the standard variables ask for it
 ``OTEL_TRACES_EXPORTER``); the exporter reads the ``OTEL_EXPORTER_OTLP_*`` variables
 (endpoint, headers, timeout, compression) itself. ``service.name`` defaults to
 ``penwatch`` unless ``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES`` set it.
+
+The SDK and the exporter come with the ``otlp`` extra; they are imported only when
+tracing is configured, and a missing one raises an error naming the extra.
 """
 
 from __future__ import annotations
@@ -13,15 +16,13 @@ import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    ConsoleSpanExporter,
-    SpanExporter,
-    SpanExportResult,
-)
+from penwatch import _extras
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 __all__ = [
     "SHUTDOWN_TIMEOUT",
@@ -43,14 +44,24 @@ _REQUEST_VARS = (
 )
 
 
-class CountingExporter(SpanExporter):
+def _sdk(what: str) -> Any:
+    """The ``opentelemetry.sdk.trace.export`` module, or an error naming the extra."""
+    _extras.require("opentelemetry.sdk.trace", extra="otlp", feature=what)
+    from opentelemetry.sdk.trace import export
+
+    return export
+
+
+class CountingExporter:
     """Wraps an exporter and counts exported and failed spans (lost spans are visible).
 
-    The first failed export is logged (the exporter's own retries have given up by
-    then); later ones are counted only.
+    A ``SpanExporter`` (by its methods) for the SDK's ``BatchSpanProcessor``. The first
+    failed export is logged (the exporter's own retries have given up by then); later
+    ones are counted only.
     """
 
     def __init__(self, exporter: SpanExporter) -> None:
+        self._result = _sdk("penwatch's span counting").SpanExportResult
         self.exporter = exporter
         self.exported = 0
         self.failed = 0
@@ -61,9 +72,9 @@ class CountingExporter(SpanExporter):
             result = self.exporter.export(spans)
         except Exception:  # an exporter bug must not kill the batch processor
             logger.exception("span exporter raised")
-            result = SpanExportResult.FAILURE
+            result = self._result.FAILURE
         with self._lock:
-            if result == SpanExportResult.SUCCESS:
+            if result == self._result.SUCCESS:
                 self.exported += len(spans)
             else:
                 if not self.failed:
@@ -103,25 +114,32 @@ def configure_tracing(
     Returns:
       ``(provider, counting_exporter)``; call :func:`shutdown_tracing` at the end.
     """
+    if exporter is None and not tracing_requested():
+        return None
+    export = _sdk("OpenTelemetry tracing (OTEL_* variables)")
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+
     if exporter is None:
-        if not tracing_requested():
-            return None
         kinds = [
             k.strip().lower() for k in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")
         ]
         if "console" in kinds:
-            exporter = ConsoleSpanExporter()
+            exporter = export.ConsoleSpanExporter()
         else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            exporter = OTLPSpanExporter()  # endpoint, headers, timeout from OTEL_* variables
+            otlp = _extras.require(
+                "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+                extra="otlp",
+                feature="OTLP span export (OTEL_* variables)",
+            )
+            exporter = otlp.OTLPSpanExporter()  # endpoint, headers, timeout from OTEL_* variables
     env_names = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get(
         "OTEL_RESOURCE_ATTRIBUTES", ""
     )
     resource = Resource.create({} if env_names else {"service.name": service_name})
     provider = TracerProvider(resource=resource)
     counting = CountingExporter(exporter)
-    provider.add_span_processor(BatchSpanProcessor(counting))
+    provider.add_span_processor(export.BatchSpanProcessor(counting))
     return provider, counting
 
 

@@ -19,6 +19,7 @@ gradient go NaN, the update is skipped, and the monitor's report names
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -129,18 +130,18 @@ def with_nan(state: TrainState, penalty: str = NAN_PENALTY) -> TrainState:
 def run(
     monitor: pw.Monitor,
     *,
-    steps: int,
+    steps: int | None,
     inject_nan_at: int | None = None,
     step_delay: float = 0.0,
     seed: int = 0,
     stop: threading.Event | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> TrainState:
-    """Train for ``steps`` steps, recording every step into ``monitor``.
+    """Train for ``steps`` steps (or until ``stop`` is set), recording every step.
 
     Args:
       monitor: where the metrics go (never read back on this thread).
-      steps: number of steps.
+      steps: number of steps, or None to train until ``stop`` is set (or Ctrl-C).
       inject_nan_at: the step whose ``orthogonality`` weight is NaN, or None.
       step_delay: seconds to pause between steps (paces a live demo).
       seed: parameter and data seed.
@@ -153,7 +154,7 @@ def run(
     init_fn, step_fn = build()
     state = init_fn(init_params(jax.random.PRNGKey(seed)))
     batches = make_batches(64, seed=seed)
-    for step in range(steps):
+    for step in range(steps) if steps is not None else itertools.count():
         if stop is not None and stop.is_set():
             break
         faulty = step == inject_nan_at

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from penwatch import _checks
+from penwatch import _checks, _extras
 from penwatch.schema import Metrics, layout_of, penalty_key
 from penwatch.training._schedule import apply_scheduled_weights
 from penwatch.training._step import TrainState, build_train_step
@@ -159,7 +159,7 @@ def trainer(
     penalty_on: Any = "outputs",
     skip_nonfinite: bool = False,
     schedule: Callable[[int, int], Mapping[str, Any]] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     callbacks: Sequence[Callback] = (),
     train_step: tuple[Callable[..., TrainState], Callable[..., Any]] | None = None,
 ) -> TrainResult:
@@ -189,7 +189,9 @@ def trainer(
       skip_nonfinite: skip non-finite updates (``optax.apply_if_finite``).
       schedule: ``fn(epoch, total_epochs) -> {name: weight}``, e.g. from
         :func:`weight_schedule`.
-      progress: show a tqdm progress bar.
+      progress: show a tqdm progress bar: ``None`` (default) when tqdm is installed,
+        ``True`` always (tqdm comes with the ``progress`` extra; without it an
+        ``ImportError`` names the extra), ``False`` never.
       callbacks: callables ``(step, metrics)`` run after each step (e.g.
         :func:`log_penalties`); their ``flush()`` is called at the end when present.
       train_step: a prebuilt ``(init_fn, step_fn)`` (e.g. from
@@ -201,6 +203,8 @@ def trainer(
     """
     fn = "penwatch.training.trainer"
     epochs = _checks.check_int(fn, "epochs", epochs, min=1)
+    if progress is None:
+        progress = _extras.available("tqdm")
     progress = _checks.check_bool(fn, "progress", progress)
     if monitor is not None and not callable(getattr(monitor, "record", None)):
         raise _checks.option_error(fn, "monitor", monitor, "a penwatch.Monitor or None")
@@ -227,7 +231,9 @@ def trainer(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        tqdm = _extras.require(
+            "tqdm.auto", extra="progress", feature="penwatch.trainer(progress=True)"
+        ).tqdm
 
         total = None
         if not callable(data) and hasattr(data, "__len__"):
