@@ -283,3 +283,12 @@ def test_entropy_properties(lp):
     np.testing.assert_allclose(_h_bonus(lp), -np.asarray(_h(lp)), rtol=1e-6)
     want = scipy_entropy(softmax(lp.astype(np.float64), axis=-1), axis=-1) / math.log(6)
     np.testing.assert_allclose(h, want, rtol=1e-4, atol=1e-5)
+
+
+def test_nan_input_is_not_hidden_by_masks():
+    """entropy masks very negative log-probs and output magnitude guards sqrt at 0; a
+    NaN input must still give a NaN value (else the non-finite report misses it)."""
+    nan_lp = jnp.log(jnp.array([[0.5, 0.5], [0.5, jnp.nan]]))
+    assert jnp.isnan(pw.entropy(nan_lp))
+    assert jnp.isnan(pw.output_magnitude_penalty(jnp.array([1.0, jnp.nan])))
+    assert float(pw.entropy(jnp.log(jnp.array([1.0, 0.0])))) == 0.0  # -inf still masked

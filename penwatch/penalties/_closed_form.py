@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from penwatch.penalties import _common
-from penwatch.penalties._divergences import ENTROPY_LOGPROB_FLOOR, entropy
-from penwatch.penalties._gradient import output_magnitude_penalty
+from penwatch.penalties._divergences import entropy, entropy_mask
+from penwatch.penalties._gradient import magnitude, output_magnitude_penalty
 from penwatch.penalties._norms import elastic_net, l1, l2
 
 __all__ = ["InputGrad", "has_input_grad", "input_grad"]
@@ -139,7 +139,7 @@ def _entropy(lp: jax.Array, o: dict[str, Any]) -> InputGrad:
     temperature = o["temperature"]
     if temperature != 1.0:
         lp = jax.nn.log_softmax(lp / temperature, axis=-1)
-    mask = lp > ENTROPY_LOGPROB_FLOOR
+    mask = entropy_mask(lp)
     safe = jnp.where(mask, lp, 0.0)
     p = jnp.exp(safe)
     # d/d lp of -p log p = -p (log p + 1); masked terms are constants (double where)
@@ -155,8 +155,8 @@ def _entropy(lp: jax.Array, o: dict[str, Any]) -> InputGrad:
 def _output_magnitude(z: jax.Array, o: dict[str, Any]) -> InputGrad:
     n = z.size if o["reduction"] == "mean" else 1
     sq = jnp.mean(z * z) if o["reduction"] == "mean" else jnp.sum(z * z)
-    pos = sq > 0
-    mag = jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+    pos = ~(sq <= 0)  # NaN kept, as in magnitude()
+    mag = magnitude(sq)
     err = mag - jnp.asarray(o["target"], z.dtype)
     # ∇ = 2 (m - t) z / (n m): its norm is 2 |m - t| / sqrt(n); zero at z = 0
     sq_norm = jnp.where(pos, 4 * err * err / n, 0.0)

@@ -215,8 +215,13 @@ def entropy(
     return _common.reduce(rows, reduction).astype(x.dtype)
 
 
+def entropy_mask(lp: jax.Array) -> jax.Array:
+    """Terms that count: ``logprob > -50``, and NaN (so a NaN input stays visible)."""
+    return ~(lp <= ENTROPY_LOGPROB_FLOOR)
+
+
 def entropy_rows(lp: jax.Array) -> jax.Array:
     """Per-row ``-sum p log p`` with ``logprob <= -50`` masked (double where)."""
-    mask = lp > ENTROPY_LOGPROB_FLOOR
+    mask = entropy_mask(lp)
     safe = jnp.where(mask, lp, 0.0)
     return jnp.sum(jnp.where(mask, -jnp.exp(safe) * safe, 0.0), axis=-1)

@@ -206,6 +206,11 @@ def output_magnitude_penalty(
     y = _common.as_float(fn, "y", y)
     z = _common.upcast(y)
     sq = jnp.mean(z * z) if reduction == "mean" else jnp.sum(z * z)
-    pos = sq > 0
-    mag = jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+    mag = magnitude(sq)
     return ((mag - jnp.asarray(target, z.dtype)) ** 2).astype(y.dtype)
+
+
+def magnitude(sq: jax.Array) -> jax.Array:
+    """``sqrt(sq)`` with a zero gradient at 0 (double where); NaN stays NaN."""
+    pos = ~(sq <= 0)
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
