@@ -77,7 +77,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "gauge",
         (*_RUN, "pipeline", "kind", "source", "leaf"),
         "First step of the latest non-finite episode; labels name its first offender "
-        "(source: the first non-finite metric key, leaf: the first non-finite leaf).",
+        "(source: the first non-finite metric key, leaf: the first non-finite leaf; "
+        "'none' when there is none).",
     ),
     "penwatch_pipeline_compute_duration_seconds": (
         "histogram",
@@ -282,12 +283,13 @@ class Prometheus(Sink):
         """One series per run and process names the latest episode's first offender."""
         a = event.attributes
         leaves = a.get("leaves") or ()
-        leaf = f"{leaves[0]['tree']}{leaves[0]['path']}" if leaves else ""
+        # "none", not "": Prometheus drops empty labels, and the alert text shows them
+        leaf = f"{leaves[0]['tree']}{leaves[0]['path']}" if leaves else "none"
         kind = a.get("kind")
         if kind is None and leaves:
             kind = "inf" if leaves[0]["inf"] else "nan"
-        labels = (*self._base, str(a.get("pipeline", "")), str(kind or ""),
-                  str(a.get("metric") or ""), leaf)  # fmt: skip
+        labels = (*self._base, str(a.get("pipeline", "")), str(kind or "none"),
+                  str(a.get("metric") or "none"), leaf)  # fmt: skip
         gauge = self._metrics["penwatch_nonfinite_first_step"]  # type: ignore[index]
         if self._first_step_labels is not None:
             gauge.remove(*self._first_step_labels)
