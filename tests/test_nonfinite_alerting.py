@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.server
 import json
 import re
+import sqlite3
 import subprocess
 import threading
 import time
@@ -130,7 +131,8 @@ def test_event_and_sink_name_the_first_offender_the_capsule_and_the_replay(tmp_p
     events = []
     prom = pw.sinks.Prometheus(port=None)
     alert = pw.alerts.NonFinite(capsules=step.capsules)
-    sinks = [prom, pw.sinks.Callback(lambda r: None, on_event=events.append)]
+    db = tmp_path / "store.db"
+    sinks = [prom, pw.sinks.SQLite(db), pw.sinks.Callback(lambda r: None, on_event=events.append)]
     with pw.Monitor("cap", sinks=sinks, alerts=[alert]) as monitor:
         _train(monitor, step, init, 9, bad_steps={3, 4, 7})
     step.capsules.flush()
@@ -144,6 +146,12 @@ def test_event_and_sink_name_the_first_offender_the_capsule_and_the_replay(tmp_p
     assert first["replay"] == f"penwatch replay {capsule} --step-fn mymodel:make_step"
     assert f"capsule {capsule}; replay: penwatch replay" in events[0].message
     assert (capsule / "manifest.json").is_file()
+    with sqlite3.connect(db) as conn:  # the store keeps them, for the dashboard
+        (stored,) = conn.execute(
+            "SELECT attributes FROM events WHERE kind = 'nonfinite' AND step = 3"
+        ).fetchone()
+    assert json.loads(stored)["replay"] == first["replay"]
+    assert json.loads(stored)["capsule"] == str(capsule)
     # counts of steps and episodes, not of metric values; one first-offender series
     base = {"run": "cap", "process": "0"}
     get = prom.registry.get_sample_value

@@ -19,7 +19,7 @@ Re-run the step saved in a capsule (a directory written with nan_capsule=DIR) an
 where its first non-finite value was produced: the primitive, the source line, the pass
 (forward/backward) and the loss term; check that it reproduces the recorded counts.
 --step-fn names the step function that ran, as module:name, where name is the step
-function itself or a function of no arguments returning it (e.g. one that rebuilds the
+function itself or a function callable without arguments returning it (e.g. one that rebuilds the
 model and calls pw.build_train_step); the module is imported from the current
 directory or PYTHONPATH.
 """
@@ -47,8 +47,11 @@ def _resolve(spec: str) -> Any:
     obj: Any = importlib.import_module(module_name)
     for part in name.split("."):
         obj = getattr(obj, part)
-    try:
-        factory = not inspect.signature(obj).parameters
+    try:  # a factory: callable without arguments (every parameter has a default)
+        factory = all(
+            p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            for p in inspect.signature(obj).parameters.values()
+        )
     except (TypeError, ValueError):
         factory = False
     return obj() if factory else obj
