@@ -264,3 +264,25 @@ def test_leaves_nearest_the_loss_first_on_a_flax_model():
     assert grads_order[::2] == ["['a_out']", "['c_mid']", "['b_in']"]
     first = leaf_reports(counts, max_leaves=3)[0]
     assert first.tree == "params" and "a_out" in first.path and first.inf_count > 0
+
+
+def test_trainer_writes_the_capsule_of_a_diagnostics_step_and_replays_it(tmp_path):
+    bad = jnp.array([[1e4, -1e4, 0.0], [1.0, 1.0, 1.0]])
+    y = jnp.full((2, 4), 0.25)
+    data = [(bad if i == 4 else jnp.ones((2, 3)), y) for i in range(6)]
+    pipe = pw.Pipeline(name="p").add("confidence", confidence, weight=0.1)
+    result = pw.trainer(
+        softmax_apply, _mse, pipe, optax.sgd(0.1), {"out": {"w": W0}}, data,
+        diagnostics_every=2, skip_nonfinite=True, progress=False, nan_capsule=tmp_path,
+    )  # fmt: skip
+    assert result.history[0]["steps"] == 6
+    path = tmp_path / "step_00000004"  # written before trainer returned
+    capsule = forensics.load(path)
+    assert capsule.manifest["program"] == "with_diagnostics"
+    _, step = pw.build_train_step(
+        softmax_apply, _mse, pipe, optax.sgd(0.1), diagnostics_every=2, skip_nonfinite=True
+    )
+    report = forensics.replay(capsule, step)
+    assert report.reproduced and report.primitive == "log" and report.term == "confidence"
+    with pytest.raises(ValueError, match="option 'nan_capsule'"):
+        pw.trainer(None, None, None, None, {}, [], train_step=(None, step), nan_capsule=tmp_path)
