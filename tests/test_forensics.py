@@ -286,3 +286,22 @@ def test_trainer_writes_the_capsule_of_a_diagnostics_step_and_replays_it(tmp_pat
     assert report.reproduced and report.primitive == "log" and report.term == "confidence"
     with pytest.raises(ValueError, match="option 'nan_capsule'"):
         pw.trainer(None, None, None, None, {}, [], train_step=(None, step), nan_capsule=tmp_path)
+
+
+def test_activity_train_step_capsule_names_the_captured_penalty(tmp_path):
+    def apply(params, x):
+        h = pw.capture("hidden", x @ params["w"])
+        return jnp.sum(h, axis=-1)
+
+    def log_activity(h):
+        return -jnp.mean(jnp.log(jnp.abs(h)))  # ACTIVITY-LINE
+
+    init, step = pw.training.build_activity_train_step(
+        apply, _mse, {"hidden": (log_activity, 0.1)}, optax.sgd(0.01), nan_capsule=tmp_path
+    )
+    state = init({"w": jnp.ones((3, 2))})
+    state, _ = step(state, (jnp.zeros((2, 3)), jnp.zeros((2,))))  # h = 0: log(0)
+    step.capsules.flush()
+    report = forensics.replay(step.capsules.written[0], step)
+    assert report.primitive == "log" and report.where.line == _line_of("ACTIVITY-LINE")
+    assert report.term == "hidden" and report.pass_ == "forward" and report.reproduced
