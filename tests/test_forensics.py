@@ -299,9 +299,15 @@ def test_activity_train_step_capsule_names_the_captured_penalty(tmp_path):
     init, step = pw.training.build_activity_train_step(
         apply, _mse, {"hidden": (log_activity, 0.1)}, optax.sgd(0.01), nan_capsule=tmp_path
     )
-    state = init({"w": jnp.ones((3, 2))})
-    state, _ = step(state, (jnp.zeros((2, 3)), jnp.zeros((2,))))  # h = 0: log(0)
+    state0 = init({"w": jnp.ones((3, 2))})
+    batch = (jnp.zeros((2, 3)), jnp.zeros((2,)))
+    step(state0, batch)  # h = 0: log(0)
     step.capsules.flush()
-    report = forensics.replay(step.capsules.written[0], step)
+    capsule = forensics.load(step.capsules.written[0])
+    # a local penalty function cannot be pickled: no treedef, the npz has every leaf
+    assert capsule.manifest["treedef"] is None and capsule.args is None
+    with pytest.raises(ValueError, match="pass like="):
+        forensics.replay(capsule, step)
+    report = forensics.replay(capsule, step, like=(state0, batch))
     assert report.primitive == "log" and report.where.line == _line_of("ACTIVITY-LINE")
     assert report.term == "hidden" and report.pass_ == "forward" and report.reproduced
