@@ -311,3 +311,27 @@ def test_activity_train_step_capsule_names_the_captured_penalty(tmp_path):
     report = forensics.replay(capsule, step, like=(state0, batch))
     assert report.primitive == "log" and report.where.line == _line_of("ACTIVITY-LINE")
     assert report.term == "hidden" and report.pass_ == "forward" and report.reproduced
+
+
+def test_capsule_keeps_typed_prng_keys_and_replays_the_same_draw(tmp_path):
+    @jax.jit
+    def noisy_step(w, key, x):
+        key, sub = jax.random.split(key)
+        noise = jax.random.uniform(sub, x.shape)
+        loss = jnp.sum(jnp.log(x * w * (noise > 0.5)))  # KEY-LINE: log(0) where masked
+        return (w, key), {"loss": loss}
+
+    writer = forensics.CapsuleWriter(tmp_path)
+    step = writer.wrap(lambda state, x: noisy_step(*state, x))
+    state = (jnp.ones(4), jax.random.key(3))
+    state, metrics = step(state, jnp.ones(4))
+    writer.close()
+    assert not np.isfinite(float(metrics["loss"]))
+    capsule = forensics.load(writer.written[0])
+    entry = next(e for e in capsule.manifest["leaves"] if e.get("prng_impl"))
+    assert entry["prng_impl"] == str(jax.random.key_impl(jax.random.key(3)))
+    (_, key), _ = capsule.args
+    assert jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    report = forensics.replay(capsule, lambda state, x: noisy_step(*state, x))
+    assert report.reproduced and report.primitive == "log"
+    assert report.where.line == _line_of("KEY-LINE")

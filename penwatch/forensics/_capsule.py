@@ -9,7 +9,8 @@ or the first step) has its inputs handed to a background thread that copies them
 host and writes a capsule directory::
 
     DIR/step_00000492/
-        inputs.npz       # one array per leaf, keyed by jax.tree_util.keystr path
+        inputs.npz       # one array per leaf, keyed by jax.tree_util.keystr path (typed
+                         # PRNG keys as their key data; the manifest names the impl)
         manifest.json    # step, leaf paths/dtypes/shapes, the non-finite report
         treedef.pkl      # the pytree structure (for pw.forensics.load; optional)
 
@@ -81,6 +82,11 @@ def _ready(metrics: Any) -> bool:
     for leaf in leaves or jax.tree.leaves(metrics):
         return not isinstance(leaf, jax.Array) or leaf.is_ready()
     return True
+
+
+def _is_prng_key(leaf: Any) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def _quick_bad(metrics: Any) -> bool:
@@ -310,15 +316,18 @@ class CapsuleWriter:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        host = jax.device_get(item.args)
-        flat, treedef = jax.tree_util.tree_flatten_with_path(host)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(item.args)
         arrays: dict[str, np.ndarray] = {}
         leaves = []
         for path, leaf in flat:
             key = jax.tree_util.keystr(path)
-            value = np.asarray(leaf)
+            entry: dict[str, Any] = {"path": key}
+            if _is_prng_key(leaf):  # typed PRNG keys: their raw key data, and the impl
+                entry["prng_impl"] = str(jax.random.key_impl(leaf))
+                leaf = jax.random.key_data(leaf)
+            value = np.asarray(jax.device_get(leaf))
             arrays[key] = value
-            leaves.append({"path": key, "dtype": str(value.dtype), "shape": list(value.shape)})
+            leaves.append({**entry, "dtype": str(value.dtype), "shape": list(value.shape)})
         np.savez(tmp / "inputs.npz", **arrays)
         try:
             (tmp / "treedef.pkl").write_bytes(pickle.dumps(treedef))

@@ -85,7 +85,8 @@ class Capsule:
     Attributes:
       path: its directory.
       manifest: ``manifest.json`` as a dict.
-      leaves: ``{keystr path: np.ndarray}``, the step's inputs.
+      leaves: ``{keystr path: np.ndarray}``, the step's inputs (typed PRNG keys as
+        ``jax.Array`` keys again).
       args: the inputs as the step's argument tuple, or None when ``treedef.pkl``
         does not load here (it refers to the step's static parts, e.g. a penalty
         function, by module and name: import that module first, or pass ``like=``).
@@ -93,7 +94,7 @@ class Capsule:
 
     path: Path
     manifest: Mapping[str, Any]
-    leaves: Mapping[str, np.ndarray]
+    leaves: Mapping[str, Any]
     args: tuple[Any, ...] | None
 
     @property
@@ -118,8 +119,13 @@ def load(path: str | os.PathLike[str]) -> Capsule:
             f"penwatch.forensics.load: {str(manifest_file)!r} has format "
             f"{manifest.get('format')!r}, expected {FORMAT!r}"
         )
+    leaves: dict[str, Any] = {}
     with np.load(path / "inputs.npz", allow_pickle=False) as npz:
-        leaves = {entry["path"]: npz[entry["path"]] for entry in manifest["leaves"]}
+        for entry in manifest["leaves"]:
+            value = npz[entry["path"]]
+            if entry.get("prng_impl"):  # a typed PRNG key, saved as its key data
+                value = jax.random.wrap_key_data(value, impl=entry["prng_impl"])
+            leaves[entry["path"]] = value
     args = None
     if manifest.get("treedef"):
         try:
@@ -226,6 +232,9 @@ class Replay:
 
 def _bad(values: Sequence[Any]) -> bool:
     for v in values:
+        dtype = getattr(v, "dtype", None)
+        if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            continue  # keys are never non-finite (and do not convert to NumPy)
         a = np.asarray(v)
         if a.dtype.kind in "fc" and a.size and not np.isfinite(a).all():
             return True
@@ -327,10 +336,10 @@ def _same_key(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     ) == list(b.get("leaves", []))
 
 
-def _input_leaves(leaves: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+def _input_leaves(leaves: Mapping[str, Any]) -> list[dict[str, Any]]:
     out = []
     for path, a in leaves.items():
-        if a.dtype.kind in "fc":
+        if isinstance(a, np.ndarray) and a.dtype.kind in "fc":
             nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
             if nan or inf:
                 out.append({"path": path, "nan": nan, "inf": inf})
