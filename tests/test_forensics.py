@@ -335,3 +335,26 @@ def test_capsule_keeps_typed_prng_keys_and_replays_the_same_draw(tmp_path):
     report = forensics.replay(capsule, lambda state, x: noisy_step(*state, x))
     assert report.reproduced and report.primitive == "log"
     assert report.where.line == _line_of("KEY-LINE")
+
+
+def make_confidence_step():
+    """A ``--step-fn`` factory for the CLI tests."""
+    return _confidence_step(None)[1]
+
+
+def test_replay_cli_exit_status(tmp_path, capsys, monkeypatch):
+    from penwatch.cli import main
+
+    monkeypatch.syspath_prepend(str(HERE.parent))
+    spec = f"{__name__}:make_confidence_step"
+    assert main(["replay", str(tmp_path / "missing"), "--step-fn", spec]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+    _, step, _, _ = _confidence_run(tmp_path, bad=(3,))
+    path = step.capsules.written[0]
+    assert main(["replay", str(path), "--step-fn", spec]) == 0
+    # a manifest whose recorded report differs: not reproduced, exit status 1
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["report"]["leaves"] = []
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["replay", str(path), "--step-fn", spec]) == 1
+    assert "reproduced: NO" in capsys.readouterr().out
