@@ -58,7 +58,8 @@ def _apply(params: dict[str, Any], x: jax.Array) -> jax.Array:
     return h @ params["layer2"]["w"] + params["layer2"]["b"]
 
 
-def _build() -> tuple[Any, Any]:
+def _build(**options: Any) -> tuple[Any, Any]:
+    """The benchmark's train step (``options``: more ``build_train_step`` options)."""
     pipe = (
         pw.MultiPipeline(name="bench")
         .add("entropy", pw.entropy, inputs=("logprobs",), weight=0.01)
@@ -76,6 +77,7 @@ def _build() -> tuple[Any, Any]:
             "hidden_w": p["layer1"]["w"],
         },
         param_terms={"l1": l1_term(1e-6), "l2": l2_term(1e-5)},
+        **options,
     )
 
 

@@ -38,6 +38,7 @@ from penwatch import diagnostics as diagnostics
 from penwatch.diagnostics import gradient_diagnostics as gradient_diagnostics
 
 # --- training integration: optax transforms, train steps, schedules, trainer ---
+from penwatch import forensics as forensics
 from penwatch import optim as optim
 from penwatch import training as training
 from penwatch.training import apply_scheduled_weights as apply_scheduled_weights

@@ -1,10 +1,11 @@
-"""The ``penwatch`` command: ``penwatch demo`` and ``penwatch dashboard``.
+"""The ``penwatch`` command: ``penwatch demo``, ``penwatch dashboard``, ``penwatch replay``.
 
 ``penwatch demo`` trains a small MLP on synthetic data with five penalties and gradient
 diagnostics, records every step to Prometheus (``/metrics``), the SQLite store, the
 log and (when the ``OTEL_*`` variables ask for it) OpenTelemetry over OTLP/HTTP, can
 inject a NaN at a chosen step, and opens the Streamlit dashboard on the store.
-``penwatch dashboard`` opens the dashboard alone.
+``penwatch dashboard`` opens the dashboard alone. ``penwatch replay`` names the line
+that made a captured step non-finite (:mod:`penwatch.forensics`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from penwatch import _extras
+from penwatch.forensics._cli import add_replay_parser, replay_command
 
 __all__ = ["main"]
 
@@ -61,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
         description="penwatch: see every penalty of a JAX training run while it trains.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="{demo,dashboard}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{demo,dashboard,replay}", required=True)
     demo = sub.add_parser(
         "demo",
         help="run an instrumented example training run and open the dashboard",
@@ -107,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     dash.add_argument("--prometheus", default=os.environ.get("PENWATCH_PROMETHEUS_URL"))
     dash.add_argument("--port", type=int, default=8501)
     dash.add_argument("--addr", default="127.0.0.1", help="address to serve on")
+    add_replay_parser(sub)
     return parser
 
 
@@ -285,7 +288,7 @@ def dashboard(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``penwatch`` console script."""
     args = _parser().parse_args(argv)
-    return {"demo": demo, "dashboard": dashboard}[args.command](args)
+    return {"demo": demo, "dashboard": dashboard, "replay": replay_command}[args.command](args)
 
 
 if __name__ == "__main__":

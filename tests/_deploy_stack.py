@@ -217,6 +217,20 @@ def write_test_prometheus_config(
     return path
 
 
+def write_test_alertmanager_config(dest: Path, *, webhook: str) -> Path:
+    """The repository's Alertmanager config with a webhook on every receiver.
+
+    Only ``webhook_configs`` are added (routes, grouping, inhibit rules unchanged).
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    for receiver in config["receivers"]:
+        receiver["webhook_configs"] = [{"url": webhook, "send_resolved": False}]
+    path = dest / "alertmanager.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 # --- servers --------------------------------------------------------------------------
 
 
@@ -238,15 +252,18 @@ def start_prometheus(config: Path, port: int, log_dir: Path) -> Managed:
     return _ready(proc, port)
 
 
-def start_alertmanager(port: int, workdir: Path, log_dir: Path) -> Managed:
-    """Debian's ``prometheus-alertmanager`` with the repository's config, no clustering."""
+def start_alertmanager(
+    port: int, workdir: Path, log_dir: Path, *, config: Path = ALERTMANAGER_CONFIG
+) -> Managed:
+    """Debian's ``prometheus-alertmanager`` with the repository's config (or ``config``,
+    e.g. from :func:`write_test_alertmanager_config`), no clustering."""
     binary = require_binary("prometheus-alertmanager")
     workdir.mkdir(parents=True, exist_ok=True)
     proc = Managed(
         "alertmanager",
         [
             binary,
-            f"--config.file={ALERTMANAGER_CONFIG}",
+            f"--config.file={config}",
             f"--storage.path={workdir}",
             f"--web.listen-address=127.0.0.1:{port}",
             "--cluster.listen-address=",

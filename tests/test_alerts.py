@@ -137,6 +137,25 @@ def test_loss_spike_on_any_metric():
     assert _fired(alert, series) == [20]
 
 
+def test_loss_spike_has_an_absolute_floor():
+    # The issue's case: a converged loss around 0.005 moving to 0.02 scores z >> 6 (the
+    # spread is ~1e-4) but rose by 0.015 < SPIKE_MIN_DELTA: no spike, not six of them.
+    series = [_record(i, {"loss": 0.005 + 1e-4 * (i % 3 - 1)}) for i in range(40)]
+    series += [_record(40 + i, {"loss": 0.02}) for i in range(6)]
+    alert = pw.alerts.LossSpike(window=32)
+    assert alert.min_delta == pw.schema.thresholds.SPIKE_MIN_DELTA
+    assert _fired(alert, series) == []
+    # The same series fires once without the floor, and a real jump still fires with it.
+    assert _fired(pw.alerts.LossSpike(window=32, min_delta=0.0), series) == [40]
+    jump = [*series[:40], _record(40, {"loss": 0.5})]
+    assert _fired(pw.alerts.LossSpike(window=32), jump) == [40]
+
+
+def test_loss_spike_rejects_a_bad_floor():
+    with pytest.raises(ValueError, match="option 'min_delta' must be"):
+        pw.alerts.LossSpike(min_delta=-1.0)
+
+
 def test_injected_nan_end_to_end(tmp_path):
     """Counter, span status ERROR, one alert, a store event, a report naming the culprit."""
     exporter = InMemorySpanExporter()

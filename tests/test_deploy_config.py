@@ -20,7 +20,7 @@ from penwatch.schema import thresholds
 COMPOSE_FILE = REPO / "docker-compose.yml"
 STACK = {"trainer", "prometheus", "alertmanager", "otel-collector", "jaeger", "dashboard"}
 REQUIRED_ALERTS = {
-    "PenwatchNonFinite": "penwatch_nonfinite_total",
+    "PenwatchNonFinite": "penwatch_nonfinite_first_step",
     "PenwatchGradientDominance": "penwatch_penalty_grad_share",
     "PenwatchGradientConflict": "penwatch_penalty_grad_cosine",
     "PenwatchTrainingStalled": "penwatch_last_step_timestamp_seconds",
@@ -102,7 +102,10 @@ def test_promtool_test_rules_detects_a_broken_rule(tmp_path):
     for group in rules["groups"]:
         for rule in group["rules"]:
             if rule.get("alert") == "PenwatchNonFinite":
-                rule["expr"] = "increase(penwatch_nonfinite_total[5m]) > 0"
+                rule["expr"] = (
+                    "penwatch_nonfinite_first_step and on (run, process) "
+                    "increase(penwatch_nonfinite_episodes_total[5m]) > 0"
+                )
             if rule.get("alert") == "PenwatchGradientDominance":
                 rule["expr"] = "penwatch_penalty_grad_share > 0.5"
     (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules, sort_keys=False))

@@ -170,10 +170,11 @@ def test_first_offender_order_and_leaf_report():
     )
     assert set(counts["params"]) == {"['w']"}  # integer leaves are skipped
     leaves = leaf_reports(counts, max_leaves=5)
+    # Inf holders first, then params before grads, then row order; counts never reorder
     assert [(lf.tree, lf.path, lf.nan_count, lf.inf_count) for lf in leaves] == [
+        ("grads", "['w']", 1, 1),
         ("params", "['w']", 1, 0),
         ("grads", "['v']", 5, 0),
-        ("grads", "['w']", 1, 1),
     ]
     assert len(leaf_reports(counts, max_leaves=2)) == 2
 
@@ -199,6 +200,30 @@ def test_nonfinite_in_a_record_is_reported_with_leaves():
     (event,) = events
     assert event.kind == "nonfinite" and event.name == "NonFinite"
     assert "'l1'" in event.message and "params['w']" in event.message
+
+
+@pytest.mark.parametrize("wait", [False, True])
+def test_raise_inside_with_raises_the_first_episode(wait):
+    # Two episodes (steps 1-2 and 4) in one `with`: whether record() raises mid-loop or
+    # close() in __exit__ raises at the end, the user catches the *first* episode's
+    # error, never the second's.
+    _, _, sink = _collect()
+    values = [1.0, float("nan"), float("nan"), 1.0, float("inf"), 1.0]
+    monitor = pw.Monitor("first", sinks=[sink], alerts=[pw.alerts.NonFinite(action="raise")])
+    with pytest.raises(pw.alerts.NonFiniteDetected) as info, monitor as m:
+        for step, v in enumerate(values):
+            if wait:
+                m.flush(timeout=10)  # the worker has seen every earlier step
+            m.record(step, _pipeline_metrics(v))
+    assert info.value.record.step == 1 and info.value.kind == "nan"
+
+
+def test_close_never_replaces_a_propagating_exception_with_the_first_episode():
+    _, _, sink = _collect()
+    monitor = pw.Monitor("exc", sinks=[sink], alerts=[pw.alerts.NonFinite(action="raise")])
+    with pytest.raises(KeyError, match="the user's error"), monitor as m:
+        m.record(0, _pipeline_metrics(float("nan")))
+        raise KeyError("the user's error")
 
 
 def test_raise_action_raises_on_the_training_thread_at_the_next_call():

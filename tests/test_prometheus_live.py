@@ -160,7 +160,9 @@ def test_nan_alert_fires_in_prometheus(stack):
     assert labels["severity"] == "critical"
     assert labels["process"] == "0"
     assert labels["kind"] in {"nan", "inf"}
-    assert labels["source"]  # the metric key that went non-finite
+    assert labels["source"]  # the first metric key that went non-finite
+    assert labels["leaf"]  # the first non-finite leaf ("none" when there is none)
+    assert len(alerts) == 1  # one alert per run and episode, not one per metric key
     assert RUN in alerts[0]["annotations"]["summary"]
     # The counter behind it is a real detection count.
     detections = prom_query(stack.prom_url, f'penwatch_nonfinite_total{{run="{RUN}"}}')

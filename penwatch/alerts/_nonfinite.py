@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from penwatch import _checks
 from penwatch.alerts._base import Alert, Episodes
+from penwatch.forensics import CapsuleWriter, capsule_dir_name, replay_command
 from penwatch.penalties import NonFiniteError, Validation
 from penwatch.schema import Event, StepRecord, describe
 
@@ -52,7 +55,11 @@ class NonFinite(Alert):
 
     Once per episode and pipeline label: it fires on the first non-finite record and
     re-arms after a fully finite one. The event (kind ``"nonfinite"``, severity
-    ``"critical"``) names the first offending metric and the top non-finite leaves.
+    ``"critical"``) names the first offending metric and the non-finite leaves nearest
+    the source; its attributes also carry ``first_step`` (the episode's first step),
+    ``episode`` (its number, from 1) and ``nonfinite_steps`` (non-finite steps so far,
+    this one included), and with ``capsules`` set, ``capsule`` (the capsule directory
+    of that step) and ``replay`` (the ``penwatch replay`` command to run on it).
 
     Args:
       action: ``"warn"`` logs a warning (logger ``penwatch.alerts``); ``"raise"`` also
@@ -61,12 +68,19 @@ class NonFinite(Alert):
         training; a step may have run in between); ``"callback"`` calls
         ``callback(event, record)`` on the worker thread (exceptions are logged).
       callback: the function for ``action="callback"``.
+      capsules: the :class:`penwatch.forensics.CapsuleWriter` of the train step
+        (``step_fn.capsules``) or its directory: the event, its log line and the
+        dashboard then point to the capsule and print the replay command.
     """
 
     name = "NonFinite"
 
     def __init__(
-        self, action: str = "warn", *, callback: Callable[[Event, StepRecord], Any] | None = None
+        self,
+        action: str = "warn",
+        *,
+        callback: Callable[[Event, StepRecord], Any] | None = None,
+        capsules: CapsuleWriter | str | os.PathLike[str] | None = None,
     ) -> None:
         self.action = _checks.check_choice(_FN, "action", action, ("warn", "raise", "callback"))
         if action == "callback":
@@ -74,6 +88,13 @@ class NonFinite(Alert):
         elif callback is not None:
             raise _checks.option_error(_FN, "callback", callback, "None unless action='callback'")
         self.callback = callback
+        if capsules is not None and not isinstance(capsules, CapsuleWriter | str | os.PathLike):
+            raise _checks.option_error(
+                _FN, "capsules", capsules, "None, a CapsuleWriter or a directory path"
+            )
+        self.capsules = capsules
+        self.nonfinite_steps = 0
+        self.episodes = 0
         self._episodes = Episodes(patience=1)
         self._error: NonFiniteDetected | None = None
 
@@ -83,8 +104,10 @@ class NonFinite(Alert):
 
     def evaluate(self, record: StepRecord) -> Sequence[Event]:
         bad = bool(record.nonfinite or record.leaves)
+        self.nonfinite_steps += bad
         if not self._episodes.update(record.pipeline, bad):
             return ()
+        self.episodes += 1
         message = describe(record)
         first = record.first_offender
         attributes: dict[str, Any] = {
@@ -98,7 +121,14 @@ class NonFinite(Alert):
                 {"tree": lf.tree, "path": lf.path, "nan": lf.nan_count, "inf": lf.inf_count}
                 for lf in record.leaves
             ],
+            "first_step": record.step,
+            "episode": self.episodes,
+            "nonfinite_steps": self.nonfinite_steps,
         }
+        if self.capsules is not None:
+            capsule, replay = self._capsule(record.step)
+            attributes["capsule"], attributes["replay"] = capsule, replay
+            message += f"; capsule {capsule}; replay: {replay}"
         if self.action == "raise" and self._error is None:
             self._error = NonFiniteDetected(record)  # an earlier unraised one stays first
         event = self._event(
@@ -111,6 +141,12 @@ class NonFinite(Alert):
             except Exception:
                 logger.exception("penwatch NonFinite callback raised; ignored")
         return (event,)
+
+    def _capsule(self, step: int) -> tuple[str, str]:
+        if isinstance(self.capsules, CapsuleWriter):
+            return str(self.capsules.path_for(step)), self.capsules.replay_command(step)
+        path = Path(self.capsules) / capsule_dir_name(step)  # type: ignore[arg-type]
+        return str(path), replay_command(path)
 
     def __repr__(self) -> str:
         return f"NonFinite(action={self.action!r})"

@@ -61,12 +61,17 @@ class LossSpike(Alert):
     Keeps the last ``window`` finite values (per pipeline label) and scores each new one
     against them with :func:`robust_zscore` (median/MAD, so earlier spikes barely move the
     baseline). Upward spikes only; non-finite values are left to :class:`NonFinite`.
-    Fires once per episode, re-arming when the score falls back under the threshold.
+    A value also has to rise at least ``min_delta`` above the median (an absolute
+    floor): on a converged loss the spread is tiny, so a move from 0.005 to 0.02 scores
+    a huge z but is no spike. Fires once per episode, re-arming when the score falls
+    back under the threshold.
 
     Args:
       zscore: threshold on the robust z-score.
       window: how many recent values form the baseline.
       metric: ``"loss"`` (the record's task loss) or any metric key, e.g. ``"total"``.
+      min_delta: the absolute floor on ``value - median`` (finite, >= 0; 0 disables
+        it). Default :data:`penwatch.schema.thresholds.SPIKE_MIN_DELTA`.
       min_history: values needed before scoring (default ``max(8, window // 4)``,
         at most ``window``).
     """
@@ -79,6 +84,7 @@ class LossSpike(Alert):
         window: int = th.SPIKE_WINDOW,
         metric: str = "loss",
         *,
+        min_delta: float = th.SPIKE_MIN_DELTA,
         min_history: int | None = None,
     ) -> None:
         fn = "penwatch.alerts.LossSpike"
@@ -87,6 +93,7 @@ class LossSpike(Alert):
         if not isinstance(metric, str) or not metric:
             raise _checks.option_error(fn, "metric", metric, "a metric key such as 'loss'")
         self.metric = metric
+        self.min_delta = _checks.check_finite_real(fn, "min_delta", min_delta, min=0.0)
         if min_history is None:
             min_history = min(self.window, max(8, self.window // 4))
         self.min_history = _checks.check_int(fn, "min_history", min_history, min=3, max=self.window)
@@ -103,7 +110,7 @@ class LossSpike(Alert):
         events = []
         if len(history) >= self.min_history:
             z, median = _score(value, history)
-            spike = z is not None and z > self.zscore
+            spike = z is not None and z > self.zscore and value - median >= self.min_delta
             if self._episodes.update(record.pipeline, spike):
                 events.append(
                     self._event(
@@ -117,6 +124,7 @@ class LossSpike(Alert):
                             "median": median,
                             "zscore": z,
                             "threshold": self.zscore,
+                            "min_delta": self.min_delta,
                         },
                     )
                 )
@@ -124,4 +132,7 @@ class LossSpike(Alert):
         return events
 
     def __repr__(self) -> str:
-        return f"LossSpike(zscore={self.zscore}, window={self.window}, metric={self.metric!r})"
+        return (
+            f"LossSpike(zscore={self.zscore}, window={self.window}, metric={self.metric!r}, "
+            f"min_delta={self.min_delta})"
+        )

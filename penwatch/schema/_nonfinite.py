@@ -6,7 +6,8 @@ propagates forwards along that order (raw penalty values, weights, weighted valu
 total, the base loss, the objective, then gradients), so the earliest non-finite slot is
 the first offender, and a penalty that went NaN on its own is named before the totals
 it contaminated. When the parameters themselves hold NaN every term is non-finite; the
-leaf report (parameter leaves before gradient leaves) then names the culprit.
+leaf report then names the culprit, ordered by where the value entered (see
+:func:`leaf_reports`), not by how many values it spoiled.
 """
 
 from __future__ import annotations
@@ -48,10 +49,18 @@ def find_nonfinite(values: Sequence[float], layout: Layout) -> tuple[NonFinite, 
 def leaf_reports(
     leaf_counts: Mapping[str, Mapping[str, Sequence[Any]]] | None, *, max_leaves: int = 5
 ) -> tuple[LeafReport, ...]:
-    """The top non-finite leaves from materialized ``"_leaf_nonfinite"`` counts.
+    """The non-finite leaves nearest the source first, from ``"_leaf_nonfinite"`` counts.
 
-    Parameter leaves come before gradient leaves (a NaN parameter is a cause, a NaN
-    gradient usually its consequence); within a tree, largest counts first.
+    Order (SPEC section 6, "where the value entered"), by these keys in turn:
+
+    1. leaves holding an Inf before leaves holding only NaN (an Inf is where a ``log(0)``
+       or a division by zero entered; ``inf - inf`` and ``0 * inf`` then spread NaN);
+    2. parameter leaves before gradient leaves (a NaN parameter is a cause, a NaN
+       gradient usually its consequence), then any other tree in its given order;
+    3. within a tree, the leaves' row order. penwatch train steps pack the rows *nearest
+       the loss first*: the reverse of the order in which the forward pass first reads
+       each parameter leaf (the output layer first), which is where a non-finite value
+       enters the backward pass. Counts never reorder leaves.
 
     Args:
       leaf_counts: ``{tree: {path: (nan_count, inf_count)}}`` (a :class:`LeafCounts`
@@ -72,7 +81,7 @@ def leaf_reports(
             table = [(path, int(pair[0]), int(pair[1])) for path, pair in counts.items()]
         for p_index, (path, nan_count, inf_count) in enumerate(table):
             if nan_count or inf_count:
-                rank = (tree_rank.get(tree, 2 + t_index), -(nan_count + inf_count), p_index)
+                rank = (inf_count == 0, tree_rank.get(tree, 2 + t_index), p_index)
                 rows.append((rank, LeafReport(tree, path, nan_count, inf_count)))
     rows.sort(key=lambda r: r[0])
     return tuple(r for _, r in rows[:max_leaves])

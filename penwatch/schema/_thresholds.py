@@ -12,6 +12,7 @@ __all__ = [
     "DOMINANCE_PATIENCE",
     "DOMINANCE_SHARE",
     "HEARTBEAT_SECONDS",
+    "SPIKE_MIN_DELTA",
     "SPIKE_WINDOW",
     "SPIKE_ZSCORE",
     "STALE_AFTER_SECONDS",
@@ -31,6 +32,10 @@ CONFLICT_PATIENCE = 20
 
 SPIKE_ZSCORE = 6.0
 """Robust z-score above which a loss (or metric) value is a spike."""
+
+SPIKE_MIN_DELTA = 0.05
+"""Absolute floor of a spike: a rise above the window's median smaller than this never
+fires, whatever its z-score (a converged 0.005 loss moving to 0.02 is not a spike)."""
 
 SPIKE_WINDOW = 128
 """Recent values the spike z-score is computed over."""

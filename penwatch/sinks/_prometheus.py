@@ -63,6 +63,23 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         (*_RUN, "kind", "source"),
         "Non-finite detections by kind (nan/inf) and metric key.",
     ),
+    "penwatch_nonfinite_steps_total": (
+        "counter",
+        _RUN,
+        "Steps (records) holding any non-finite metric or leaf.",
+    ),
+    "penwatch_nonfinite_episodes_total": (
+        "counter",
+        _RUN,
+        "Non-finite episodes: runs of consecutive non-finite steps (one NonFinite alert each).",
+    ),
+    "penwatch_nonfinite_first_step": (
+        "gauge",
+        (*_RUN, "pipeline", "kind", "source", "leaf"),
+        "First step of the latest non-finite episode; labels name its first offender "
+        "(source: the first non-finite metric key, leaf: the first non-finite leaf; "
+        "'none' when there is none).",
+    ),
     "penwatch_pipeline_compute_duration_seconds": (
         "histogram",
         (*_RUN, "pipeline"),
@@ -168,6 +185,7 @@ class Prometheus(Sink):
         self._info: RunInfo | None = None
         self._base: tuple[str, str] = ("", "0")
         self._dropped_seen: dict[str, int] = {}
+        self._first_step_labels: tuple[str, ...] | None = None
         self._last_push = -float("inf")
 
     @property
@@ -192,6 +210,8 @@ class Prometheus(Sink):
             ).set(1)
             for reason in _DROP_REASONS:
                 self._child("penwatch_telemetry_dropped_total", *self._base, reason)
+            for name in ("penwatch_nonfinite_steps_total", "penwatch_nonfinite_episodes_total"):
+                self._child(name, *self._base)  # at 0, so the first increase shows
             for alert in info.config.get("alerts", ()):
                 self._child("penwatch_alerts_total", *self._base, str(alert))
         if self._requested_port is not None and self._server is None:
@@ -236,6 +256,8 @@ class Prometheus(Sink):
         self._latest.update(record)
         for nf in record.nonfinite:
             child("penwatch_nonfinite_total", *base, nf.kind, nf.key).inc()
+        if record.nonfinite or record.leaves:
+            child("penwatch_nonfinite_steps_total", *base).inc()
         if record.duration_seconds is not None:
             exemplar = None
             if record.trace_id:
@@ -254,6 +276,26 @@ class Prometheus(Sink):
             return
         alert = str(event.attributes.get("alert", event.name))
         self._child("penwatch_alerts_total", *self._base, alert).inc()
+        if event.kind == "nonfinite":
+            self._new_episode(event)
+
+    def _new_episode(self, event: Event) -> None:
+        """One series per run and process names the latest episode's first offender."""
+        a = event.attributes
+        leaves = a.get("leaves") or ()
+        # "none", not "": Prometheus drops empty labels, and the alert text shows them
+        leaf = f"{leaves[0]['tree']}{leaves[0]['path']}" if leaves else "none"
+        kind = a.get("kind")
+        if kind is None and leaves:
+            kind = "inf" if leaves[0]["inf"] else "nan"
+        labels = (*self._base, str(a.get("pipeline", "")), str(kind or "none"),
+                  str(a.get("metric") or "none"), leaf)  # fmt: skip
+        gauge = self._metrics["penwatch_nonfinite_first_step"]  # type: ignore[index]
+        if self._first_step_labels is not None:
+            gauge.remove(*self._first_step_labels)
+        gauge.labels(*labels).set(event.step)
+        self._first_step_labels = labels
+        self._child("penwatch_nonfinite_episodes_total", *self._base).inc()
 
     def flush(self) -> None:
         if self.pushgateway and time.monotonic() - self._last_push >= self.push_interval:

@@ -185,6 +185,7 @@ def build_activity_train_step(
         "skip_nonfinite": False,
         "max_nonfinite_skips": None,
         "leaf_report": True,
+        "nan_capsule": None,
     }
     unknown = sorted(set(kwargs) - set(defaults))
     if unknown:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from penwatch import _checks
 from penwatch.diagnostics import ParamTerm
+from penwatch.forensics import CapsuleWriter
 from penwatch.schema import Metrics
 
 __all__ = ["StepFunction", "TrainState"]
@@ -127,23 +128,41 @@ class StepFunction:
       plain: the compiled step without diagnostics.
       with_diagnostics: the compiled step with gradient diagnostics.
       diagnostics_every: N (0: never).
+      capsules: the :class:`penwatch.forensics.CapsuleWriter` observing every step
+        (``nan_capsule=``), or None. It only watches from the host: the compiled
+        programs are the same with or without it.
     """
 
-    def __init__(self, plain: Callable, diag: Callable, every: int, host: _HostStep) -> None:
+    def __init__(
+        self,
+        plain: Callable,
+        diag: Callable,
+        every: int,
+        host: _HostStep,
+        capsules: CapsuleWriter | None = None,
+    ) -> None:
         self.plain = plain
         self.with_diagnostics = diag
         self.diagnostics_every = every
+        self.capsules = capsules
         self._host = host
 
     def is_diagnostics_step(self, step: int) -> bool:
         """Whether step ``step`` (0-based, before the update) runs the diagnostics."""
         return self.diagnostics_every > 0 and step % self.diagnostics_every == 0
 
+    def program_for(self, step: int) -> Callable:
+        """The compiled function that runs step ``step`` (for replays)."""
+        return self.with_diagnostics if self.is_diagnostics_step(step) else self.plain
+
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        if self.diagnostics_every > 0:
+        if self.diagnostics_every > 0 or self.capsules is not None:
             step = self._host.get(state)
-            fn = self.with_diagnostics if self.is_diagnostics_step(step) else self.plain
+            fn = self.program_for(step)
             new_state, metrics = fn(state, batch)
             self._host.remember(new_state, step + 1)
+            if self.capsules is not None:
+                program = "with_diagnostics" if fn is self.with_diagnostics else "plain"
+                self.capsules.observe(step, (state, batch), metrics, program=program)
             return new_state, metrics
         return self.plain(state, batch)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -32,9 +33,11 @@ from penwatch.diagnostics import ParamTerm, value_and_grad_with_diagnostics
 from penwatch.diagnostics import elastic_net_term as _elastic_net_term
 from penwatch.diagnostics import l1_term as _l1_term
 from penwatch.diagnostics import l2_term as _l2_term
+from penwatch.forensics import CapsuleWriter
 from penwatch.penalties import leaf_finite_counts
 from penwatch.schema import LEAF_COUNT_TOTAL, LEAF_COUNTS, LeafCounts, Metrics, penalty_key
 from penwatch.training._loss import flatten_params
+from penwatch.training._order import nearest_loss_order
 from penwatch.training._state import (
     StepFunction,
     TrainState,
@@ -70,8 +73,9 @@ in pipeline order, then the parameter terms):
   ``pairwise_cosine`` with ``pairwise=True``);
 * ``_leaf_nonfinite`` (not a metric): ``{"params": LeafCounts, "grads": LeafCounts}``,
   each reading as ``{path: (nan_count, inf_count)}`` over one ``int32[n, 2]`` array
-  (paths from ``jax.tree_util.keystr``; params are the updated ones), from which the
-  monitor names the offending leaves, and
+  (paths from ``jax.tree_util.keystr``, rows nearest the loss first: the reverse of
+  the order in which the forward pass first reads each parameter leaf; params are the
+  updated ones), from which the monitor names the offending leaves, and
   ``_leaf_nonfinite_count``, their total (the monitor reads the tree only when > 0).
 """
 
@@ -94,6 +98,7 @@ def _make_step(
     skip_nonfinite: bool,
     max_nonfinite_skips: int | None,
     leaf_report: bool,
+    nan_capsule: Any = None,
 ) -> tuple[Callable[[Any], TrainState], StepFunction]:
     _checks.check_callable(fn_name, "apply_fn", apply_fn)
     _checks.check_callable(fn_name, "loss_fn", loss_fn)
@@ -114,6 +119,7 @@ def _make_step(
     track = _checks.check_bool(fn_name, "track_grad_norms", track_grad_norms)
     skip = _checks.check_bool(fn_name, "skip_nonfinite", skip_nonfinite)
     leaf_report = _checks.check_bool(fn_name, "leaf_report", leaf_report)
+    capsules = _capsule_writer(fn_name, nan_capsule)
     terms0 = _normalize_terms(fn_name, param_terms)
     _check_names(fn_name, pipeline, terms0)
     if skip:
@@ -131,6 +137,8 @@ def _make_step(
             return base, (base, Metrics.pack({}))
         total, pm = pipe.compute(penalty_input, track_grad_norms=track)
         return base + total, (base, pm)
+
+    orders: dict[Any, tuple[str, ...]] = {}
 
     def step(state: TrainState, batch: Any, with_diag: bool) -> tuple[TrainState, Metrics]:
         x, y = _split_batch(batch)
@@ -180,7 +188,17 @@ def _make_step(
         if skip:
             tail["update_skipped"] = jnp.logical_not(opt_state.last_finite)
         if leaf_report:
-            param_counts = leaf_finite_counts(new_params)
+            # Rows nearest the loss first (the output layer): where a non-finite value
+            # enters the backward pass. Read from the traced forward pass (trace time).
+            shapes = jax.tree.map(lambda a: (a.shape, a.dtype), params)
+            key = (jax.tree.structure(params), tuple(jax.tree.leaves(shapes)))
+            order = orders.get(key)
+            if order is None:  # one extra trace of the forward pass, shared by variants
+                order = orders[key] = nearest_loss_order(
+                    lambda p: objective(p, pipe, x, y)[0], params
+                )
+            param_counts = _ordered(leaf_finite_counts(new_params), order)
+            grad_counts = _ordered(grad_counts, order)
             # one [n, 2] array per tree, not two scalar buffers per leaf
             tail[LEAF_COUNTS] = {
                 "params": LeafCounts.pack(param_counts),
@@ -217,7 +235,22 @@ def _make_step(
 
     plain = jax.jit(functools.partial(step, with_diag=False))
     diag = jax.jit(functools.partial(step, with_diag=True))
-    return init_fn, StepFunction(plain, diag, every, host)
+    return init_fn, StepFunction(plain, diag, every, host, capsules)
+
+
+def _capsule_writer(fn_name: str, nan_capsule: Any) -> CapsuleWriter | None:
+    if nan_capsule is None or isinstance(nan_capsule, CapsuleWriter):
+        return nan_capsule
+    if isinstance(nan_capsule, str | os.PathLike) and str(nan_capsule):
+        return CapsuleWriter(nan_capsule)
+    raise _checks.option_error(
+        fn_name, "nan_capsule", nan_capsule, "None, a directory path or a CapsuleWriter"
+    )
+
+
+def _ordered(counts: dict[str, Any], order: tuple[str, ...]) -> dict[str, Any]:
+    rank = {path: i for i, path in enumerate(order)}
+    return dict(sorted(counts.items(), key=lambda kv: rank.get(kv[0], len(rank))))
 
 
 def _forward_for(fn_name: str, apply_fn: Callable, penalty_on: Any) -> Callable:
@@ -257,6 +290,7 @@ def build_train_step(
     skip_nonfinite: bool = False,
     max_nonfinite_skips: int | None = None,
     leaf_report: bool = True,
+    nan_capsule: str | os.PathLike[str] | CapsuleWriter | None = None,
 ) -> tuple[Callable[..., TrainState], StepFunction]:
     """Build ``(init_fn, step_fn)``: a jitted train step with penalty metrics.
 
@@ -285,6 +319,11 @@ def build_train_step(
       max_nonfinite_skips: give up skipping after this many consecutive non-finite steps
         (None: never).
       leaf_report: return ``_leaf_nonfinite`` per-leaf NaN/Inf counts.
+      nan_capsule: a directory (or a :class:`penwatch.forensics.CapsuleWriter`): save
+        the inputs of the first non-finite step of each episode there, for
+        :func:`penwatch.forensics.replay` (SPEC section 13). Host-side only: the
+        compiled step is the same with or without it (``step_fn.capsules.flush()``
+        waits for pending writes).
 
     Returns:
       ``(init_fn, step_fn)``: ``init_fn(params) -> TrainState``;
@@ -306,6 +345,7 @@ def build_train_step(
         skip_nonfinite=skip_nonfinite,
         max_nonfinite_skips=max_nonfinite_skips,
         leaf_report=leaf_report,
+        nan_capsule=nan_capsule,
     )
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from penwatch import _checks, _extras
 from penwatch.schema import Metrics, layout_of, penalty_key
 from penwatch.training._schedule import apply_scheduled_weights
+from penwatch.training._state import StepFunction
 from penwatch.training._step import TrainState, build_train_step
 
 __all__ = ["PenaltyLogger", "TrainResult", "log_penalties", "trainer"]
@@ -162,6 +163,7 @@ def trainer(
     progress: bool | None = None,
     callbacks: Sequence[Callback] = (),
     train_step: tuple[Callable[..., TrainState], Callable[..., Any]] | None = None,
+    nan_capsule: Any = None,
 ) -> TrainResult:
     """Train for ``epochs`` epochs with penalties, telemetry and schedules.
 
@@ -197,6 +199,10 @@ def trainer(
       train_step: a prebuilt ``(init_fn, step_fn)`` (e.g. from
         :func:`build_activity_train_step`, or shared across runs to reuse its
         compilation); ``apply_fn``/``loss_fn``/``optimizer`` are then unused.
+      nan_capsule: a directory or a ``penwatch.forensics.CapsuleWriter``: capsules of
+        the first non-finite step of each episode (see :func:`build_train_step`);
+        pending capsules are written before the trainer returns. With ``train_step``,
+        build that step with ``nan_capsule`` instead.
 
     Returns:
       A :class:`TrainResult` ``(params, state, history)``.
@@ -223,6 +229,11 @@ def trainer(
             diagnostics_every=diagnostics_every,
             param_terms=param_terms,
             skip_nonfinite=skip_nonfinite,
+            nan_capsule=nan_capsule,
+        )
+    elif nan_capsule is not None:
+        raise _checks.option_error(
+            fn, "nan_capsule", nan_capsule, "None with train_step= (build it with nan_capsule=)"
         )
     else:
         init_fn, step_fn = train_step
@@ -273,6 +284,8 @@ def trainer(
                 }
             )
     finally:
+        if isinstance(step_fn, StepFunction) and step_fn.capsules is not None:
+            step_fn.capsules.flush()
         if bar is not None:
             bar.close()
         for cb in callbacks:
