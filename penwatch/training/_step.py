@@ -28,7 +28,11 @@ import numpy as np
 import optax
 
 from penwatch import _checks
-from penwatch.diagnostics import ParamTerm, value_and_grad_with_diagnostics
+from penwatch.diagnostics import (
+    ParamTerm,
+    diagonal_preconditioner,
+    value_and_grad_with_diagnostics,
+)
 from penwatch.diagnostics import elastic_net_term as _elastic_net_term
 from penwatch.diagnostics import l1_term as _l1_term
 from penwatch.diagnostics import l2_term as _l2_term
@@ -67,7 +71,12 @@ in pipeline order, then the parameter terms):
   gradient); ``update_skipped`` (bool) with ``skip_nonfinite=True``;
 * every ``diagnostics_every`` steps: ``<term>_param_grad_norm``, ``<term>_grad_share``,
   ``<term>_grad_cosine`` for ``base`` and every penalty / parameter term (and
-  ``pairwise_cosine`` with ``pairwise=True``);
+  ``pairwise_cosine`` with ``pairwise=True``); the term Gram matrix ``grad_gram[a,b]``
+  of the unweighted gradients, ``<term>_param_grad_norm[<group>]`` per top-level
+  parameter group and, under a diagonally preconditioned optimizer,
+  ``<term>_update_share`` (SPEC §12);
+* activity steps (``build_activity_train_step``): ``<capture>_dead_fraction``, the
+  fraction of a captured activation's units that are zero for the whole batch;
 * ``_leaf_nonfinite`` (not a metric): ``{"params": LeafCounts, "grads": LeafCounts}``,
   each reading as ``{path: (nan_count, inf_count)}`` over one ``int32[n, 2]`` array
   (paths from ``jax.tree_util.keystr``; params are the updated ones), from which the
@@ -94,8 +103,17 @@ def _make_step(
     skip_nonfinite: bool,
     max_nonfinite_skips: int | None,
     leaf_report: bool,
+    preconditioner: Any = "auto",
+    extra_metrics: Callable[[Any], Mapping[str, Any]] | None = None,
 ) -> tuple[Callable[[Any], TrainState], StepFunction]:
     _checks.check_callable(fn_name, "apply_fn", apply_fn)
+    if not (preconditioner is None or preconditioner == "auto" or callable(preconditioner)):
+        raise _checks.option_error(
+            fn_name,
+            "preconditioner",
+            preconditioner,
+            '"auto", None or a function opt_state -> diagonal pytree',
+        )
     _checks.check_callable(fn_name, "loss_fn", loss_fn)
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise _checks.option_error(
@@ -127,10 +145,24 @@ def _make_step(
     def objective(params: Any, pipe: Any, x: Any, y: Any) -> tuple[jax.Array, Any]:
         preds, penalty_input = forward(params, x)
         base = jnp.mean(loss_fn(preds, y))
+        extra = {} if extra_metrics is None else dict(extra_metrics(penalty_input))
         if pipe is None:
-            return base, (base, Metrics.pack({}))
+            return base, (base, Metrics.pack({}), extra)
         total, pm = pipe.compute(penalty_input, track_grad_norms=track)
-        return base + total, (base, pm)
+        return base + total, (base, pm, extra)
+
+    def precondition(opt_state: Any, params: Any) -> Callable[[Any], Any] | None:
+        """``grads -> P`` from the optimizer state after this step's update, or None."""
+        if preconditioner is None:
+            return None
+        read = (
+            functools.partial(diagonal_preconditioner, params=params)
+            if preconditioner == "auto"
+            else preconditioner
+        )
+        if preconditioner == "auto" and read(opt_state) is None:
+            return None  # not a diagonally preconditioned optimizer (decided at trace time)
+        return lambda grads: read(optimizer.update(grads, opt_state, params)[1])
 
     def step(state: TrainState, batch: Any, with_diag: bool) -> tuple[TrainState, Metrics]:
         x, y = _split_batch(batch)
@@ -140,17 +172,25 @@ def _make_step(
             names = tuple(getattr(pipe, "enabled_names", ())) if pipe is not None else ()
 
             def terms_fn(p: Any) -> Any:
-                _, (base, pm) = objective(p, pipe, x, y)
-                return (base, {n: pm[penalty_key(n, "weighted")] for n in names}), (base, pm)
+                _, aux = objective(p, pipe, x, y)
+                pm = aux[1]
+                return (aux[0], {n: pm[penalty_key(n, "weighted")] for n in names}), aux
 
+            weights = pipe.weights if pipe is not None else {}
             res = value_and_grad_with_diagnostics(
-                terms_fn, params, param_terms=terms, pairwise=pairwise, has_aux=True
+                terms_fn,
+                params,
+                param_terms=terms,
+                pairwise=pairwise,
+                has_aux=True,
+                weights={n: weights[n] for n in names},
+                preconditioner=precondition(state.opt_state, params),
             )
-            base, pm = res.aux
+            base, pm, extra = res.aux
             grads, loss = res.grads, res.loss
             diag = res.metrics
         else:
-            (loss, (base, pm)), grads = jax.value_and_grad(objective, has_aux=True)(
+            (loss, (base, pm, extra)), grads = jax.value_and_grad(objective, has_aux=True)(
                 params, pipe, x, y
             )
             for term in terms.values():
@@ -193,7 +233,7 @@ def _make_step(
         # The pipeline's buffers are reused whole; penalty order travels as data.
         penalties = (*pm.penalties, *terms)
         head = Metrics.pack({"loss": loss, "base_loss": base})
-        metrics = head.merge(pm, term_metrics, tail, penalties=penalties)
+        metrics = head.merge(pm, term_metrics, extra, tail, penalties=penalties)
         new_state = TrainState(new_params, opt_state, state.step + 1, pipe, terms)
         return new_state, metrics
 
@@ -257,6 +297,7 @@ def build_train_step(
     skip_nonfinite: bool = False,
     max_nonfinite_skips: int | None = None,
     leaf_report: bool = True,
+    preconditioner: Literal["auto"] | Callable[[Any], Any] | None = "auto",
 ) -> tuple[Callable[..., TrainState], StepFunction]:
     """Build ``(init_fn, step_fn)``: a jitted train step with penalty metrics.
 
@@ -285,6 +326,12 @@ def build_train_step(
       max_nonfinite_skips: give up skipping after this many consecutive non-finite steps
         (None: never).
       leaf_report: return ``_leaf_nonfinite`` per-leaf NaN/Inf counts.
+      preconditioner: update-space shares (``<term>_update_share``) on diagnostics
+        steps: ``"auto"`` reads a diagonal preconditioner from the optax state (Adam,
+        AdamW, RMSProp, Adagrad: :func:`penwatch.diagnostics.diagonal_preconditioner`;
+        nothing for other optimizers), a function ``opt_state -> P`` (a pytree shaped
+        like the parameters) for any other, None for none. ``P`` is read from the
+        state after the step's update.
 
     Returns:
       ``(init_fn, step_fn)``: ``init_fn(params) -> TrainState``;
@@ -306,6 +353,7 @@ def build_train_step(
         skip_nonfinite=skip_nonfinite,
         max_nonfinite_skips=max_nonfinite_skips,
         leaf_report=leaf_report,
+        preconditioner=preconditioner,
     )
 
 
