@@ -402,3 +402,38 @@ def test_dead_fraction_counts_units_zero_for_the_whole_batch():
     x[0, 2] = 0.0  # not dead: nonzero elsewhere in the batch
     assert float(dead_fraction(x)) == 0.25
     assert float(jax.jit(dead_fraction)(x)) == 0.25
+
+
+# --- export ------------------------------------------------------------------------------
+
+
+def test_prometheus_exports_pair_cosines_update_shares_groups_and_dead_fractions():
+    import prometheus_client
+
+    values = {
+        "base_grad_share": 1.0,
+        "l1_grad_share": 0.0,
+        "base_param_grad_norm": 1.0,
+        "l1_param_grad_norm": 0.5,
+        gram_key("base", "base"): 1.0,
+        gram_key("base", "l1"): -0.4,
+        gram_key("l1", "l1"): 0.25,
+        term_key("l1", "update_share"): 0.2,
+        term_key("l1", "suggested_weight"): 0.4,
+        group_key("l1", "dense1"): 0.3,
+        "hidden_dead_fraction": 0.7,
+    }
+    sink = pw.sinks.Prometheus(port=None)
+    sink.open(pw.schema.RunInfo("r", 0, "0", "cpu", 1, 0.0))
+    sink.write_step(
+        StepRecord(run="r", process=0, step=1, pipeline="p", wall_time=0.0, values=values)
+    )
+    text = prometheus_client.generate_latest(sink.registry).decode()
+    labels = 'pipeline="p",process="0",run="r"'
+    assert f'penwatch_penalty_pair_cosine{{other="l1",penalty="base",{labels}}} -0.8' in text
+    assert f'penwatch_penalty_update_share{{penalty="l1",{labels}}} 0.2' in text
+    assert f'penwatch_penalty_suggested_weight{{penalty="l1",{labels}}} 0.4' in text
+    assert f'penwatch_penalty_group_grad_norm{{group="dense1",penalty="l1",{labels}}} 0.3' in text
+    assert f'penwatch_capture_dead_fraction{{capture="hidden",{labels}}} 0.7' in text
+    # the pair set is bounded: one series per unordered pair of terms, none for a term with itself
+    assert text.count("penwatch_penalty_pair_cosine{") == 1
