@@ -16,9 +16,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from penwatch.diagnostics._closed_form import ParamTerm, _zero_grad
-from penwatch.schema import gram_key, group_key, term_key
+from penwatch.schema import Metrics, gram_key, group_key, term_key
 
 PyTree = Any
 TermsFn = Callable[[PyTree], Any]
@@ -53,14 +54,14 @@ class DiagnosticsResult(NamedTuple):
       values: each term's value by name: ``"base"`` first, then every other term
         (model-dependent and parameter-only) sorted by name.
       grads: the total gradient ``g`` (shaped like ``params``), ready for an optimizer.
-      metrics: the diagnostics, as from :func:`gradient_diagnostics`.
+      metrics: the diagnostics, as from :func:`gradient_diagnostics` (a ``pw.Metrics``).
       aux: ``terms_fn``'s auxiliary output with ``has_aux=True``, else ``None``.
     """
 
     loss: jax.Array
     values: dict[str, jax.Array]
     grads: PyTree
-    metrics: dict[str, jax.Array]
+    metrics: Metrics
     aux: Any = None
 
 
@@ -72,7 +73,7 @@ def gradient_diagnostics(
     pairwise: bool = False,
     weights: Mapping[str, Any] | None = None,
     preconditioner: PyTree | Callable[[PyTree], PyTree] | None = None,
-) -> dict[str, jax.Array]:
+) -> Metrics:
     """Per-term parameter-gradient norms, additive shares and cosines, in one pass.
 
     With base (task) loss ``L_0``, weighted terms ``T_i`` and ``g_i = ∇_θ T_i``,
@@ -104,8 +105,10 @@ def gradient_diagnostics(
       preconditioner: a diagonal preconditioner for ``<t>_update_share``.
 
     Returns:
-      A dict of device arrays. Per term ``<t>`` (``base``, the names of ``terms_fn``'s
-      terms and of ``param_terms``, which must be distinct): ``"<t>_param_grad_norm"``,
+      A ``pw.Metrics`` (an immutable mapping of device arrays, packed one buffer
+      per dtype; ``dict(m)`` gives a plain dict). Per term ``<t>`` (``base``, the
+      names of ``terms_fn``'s terms and of ``param_terms``, which must be distinct):
+      ``"<t>_param_grad_norm"``,
       ``"<t>_grad_share"``, ``"<t>_grad_cosine"`` (scalars); with ``pairwise=True`` also
       ``"pairwise_cosine"``, a ``[T, T]`` matrix whose rows and columns are ``base`` then
       the other terms sorted by name (:func:`term_names` gives that order); and the
@@ -217,7 +220,7 @@ def value_and_grad_with_diagnostics(
     gg = jnp.zeros((), acc)  # ‖g‖²
     group_sq = {group: jnp.zeros((t,), acc) for group in group_names}
     total_leaves = []
-    stacks: list[jax.Array | None] = []
+    stacks: list[tuple[jax.Array, jax.Array] | None] = []
     for i, leaf in enumerate(leaves):
         if not _is_float(leaf):
             total_leaves.append(_zero_grad(jnp.asarray(leaf)))
@@ -233,7 +236,7 @@ def value_and_grad_with_diagnostics(
         dots = dots + jnp.matmul(r, g, precision=_HIGHEST)
         gg = gg + jnp.dot(g, g, precision=_HIGHEST)
         total_leaves.append(g.reshape(leaf.shape).astype(leaf.dtype))
-        stacks.append(r)
+        stacks.append((r, g))
     grads = jax.tree.unflatten(treedef, total_leaves)
 
     update_dots = None
@@ -242,11 +245,12 @@ def value_and_grad_with_diagnostics(
         p_leaves = treedef.flatten_up_to(precond)
         update_dots = jnp.zeros((t,), acc)  # ⟨P g_i, P g⟩
         update_gg = jnp.zeros((), acc)  # ‖P g‖²
-        for leaf, r, p_leaf in zip(leaves, stacks, p_leaves, strict=True):
-            if r is None:
+        for leaf, stack, p_leaf in zip(leaves, stacks, p_leaves, strict=True):
+            if stack is None:
                 continue
+            r, g = stack
             p = jnp.broadcast_to(jnp.asarray(p_leaf, acc), jnp.shape(leaf)).reshape(-1)
-            pg = p * jnp.sum(r, axis=0)
+            pg = p * g
             update_dots = update_dots + jnp.matmul(r, p * pg, precision=_HIGHEST)
             update_gg = update_gg + jnp.dot(pg, pg, precision=_HIGHEST)
 
@@ -256,13 +260,21 @@ def value_and_grad_with_diagnostics(
     order = [0, *sorted(range(1, t), key=all_names.__getitem__)]
     perm = jnp.asarray(order)
     all_names = [all_names[i] for i in order]
-    metrics = _metrics(all_names, gram_w[perm][:, perm], dots[perm], gg, pairwise=pairwise)
+    gram_p = gram_w[perm][:, perm]
+    norms, shares, cos = _figures(gram_p, dots[perm], gg)
+    per_term = [(q, v) for q, v in (("param_grad_norm", norms), ("grad_share", shares))]
+    per_term.append(("grad_cosine", cos[:, 0]))
     if update_dots is not None:
-        metrics.update(_shares(all_names, update_dots[perm], update_gg, "update_share"))
-    if groups:
-        for group in group_names:
-            norms = jnp.sqrt(jnp.maximum(group_sq[group][perm], 0))
-            metrics.update((group_key(n, group), norms[j]) for j, n in enumerate(all_names))
+        per_term.append(("update_share", _share_vector(update_dots[perm], update_gg)))
+    # one column per figure, packed in one piece (a scalar per key would cost one small
+    # kernel each on XLA:CPU); keys per term in turn, then groups, then the Gram matrix
+    columns = [([term_key(n, q) for n in all_names], v) for q, v in per_term]
+    order = [term_key(n, q) for n in all_names for q, _ in per_term]
+    if groups and group_names:
+        sq = jnp.stack([group_sq[group][perm] for group in group_names])
+        keys = [group_key(n, group) for group in group_names for n in all_names]
+        columns.append((keys, jnp.sqrt(jnp.maximum(sq, 0)).reshape(-1)))
+        order += keys
     if gram:
         weights = dict(weights or {})
         weights.update((name, term.weight) for name, term in param_terms.items())
@@ -270,10 +282,14 @@ def value_and_grad_with_diagnostics(
             [jnp.asarray(weights.get(n, 1.0) if n != BASE else 1.0, acc) for n in all_names]
         )
         inv = jnp.where(w != 0, 1 / jnp.where(w != 0, w, 1), 0)
-        unweighted = gram_w[perm][:, perm] * inv[:, None] * inv[None, :]
-        for a in range(t):
-            for b in range(a, t):
-                metrics[gram_key(all_names[a], all_names[b])] = unweighted[a, b]
+        upper = np.triu_indices(t)
+        unweighted = (gram_p * inv[:, None] * inv[None, :])[upper]
+        keys = [gram_key(all_names[a], all_names[b]) for a, b in zip(*upper, strict=True)]
+        columns.append((keys, unweighted))
+        order += keys
+    metrics = Metrics.from_columns(columns, order=order)
+    if pairwise:
+        metrics = metrics.merge({PAIRWISE_KEY: cos})
     unordered = dict(zip(names, values, strict=True))
     unordered.update((name, value) for name, (value, _) in zip(param_terms, closed, strict=True))
     term_values = {name: unordered[name] for name in all_names}
@@ -331,33 +347,20 @@ def term_names(
     return (BASE, *sorted([*names[1:], *param_terms]))
 
 
-def _shares(
-    names: list[str], dots: jax.Array, gg: jax.Array, quantity: str
-) -> dict[str, jax.Array]:
+def _share_vector(dots: jax.Array, gg: jax.Array) -> jax.Array:
     """``⟨x_i, x⟩ / ‖x‖²`` per term (0 when ``x = 0``)."""
     nonzero = gg > 0
-    shares = jnp.where(nonzero, dots / jnp.where(nonzero, gg, 1), 0)
-    return {term_key(name, quantity): shares[i] for i, name in enumerate(names)}
+    return jnp.where(nonzero, dots / jnp.where(nonzero, gg, 1), 0)
 
 
-def _metrics(
-    names: list[str], gram: jax.Array, dots: jax.Array, gg: jax.Array, *, pairwise: bool
-) -> dict[str, jax.Array]:
-    """Norms, shares and cosines from the Gram matrix, with zero-norm guards."""
+def _figures(gram: jax.Array, dots: jax.Array, gg: jax.Array) -> tuple[jax.Array, ...]:
+    """Norms, shares and the cosine matrix from the Gram matrix, with zero-norm guards."""
     norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0))
-    shares = _shares(names, dots, gg, "grad_share")
     denom = norms[:, None] * norms[None, :]
     ok = denom > 0
     cos = jnp.clip(jnp.where(ok, gram / jnp.where(ok, denom, 1), 0), -1, 1)
-    cos = jnp.where(jnp.eye(len(names), dtype=bool), (norms > 0).astype(cos.dtype), cos)
-    metrics: dict[str, jax.Array] = {}
-    for i, name in enumerate(names):
-        metrics[term_key(name, "param_grad_norm")] = norms[i]
-        metrics[term_key(name, "grad_share")] = shares[term_key(name, "grad_share")]
-        metrics[term_key(name, "grad_cosine")] = cos[i, 0]
-    if pairwise:
-        metrics[PAIRWISE_KEY] = cos
-    return metrics
+    cos = jnp.where(jnp.eye(gram.shape[0], dtype=bool), (norms > 0).astype(cos.dtype), cos)
+    return norms, _share_vector(dots, gg), cos
 
 
 def _is_float(leaf: Any) -> bool:

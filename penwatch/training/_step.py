@@ -151,8 +151,14 @@ def _make_step(
         total, pm = pipe.compute(penalty_input, track_grad_norms=track)
         return base + total, (base, pm, extra)
 
-    def precondition(opt_state: Any, params: Any) -> Callable[[Any], Any] | None:
-        """``grads -> P`` from the optimizer state after this step's update, or None."""
+    def precondition(
+        opt_state: Any, params: Any, done: dict[str, Any]
+    ) -> Callable[[Any], Any] | None:
+        """``grads -> P`` from the optimizer state after this step's update, or None.
+
+        The update it runs is kept in ``done["update"]`` for the step to apply: the
+        optimizer runs once per step.
+        """
         if preconditioner is None:
             return None
         read = (
@@ -162,12 +168,18 @@ def _make_step(
         )
         if preconditioner == "auto" and read(opt_state) is None:
             return None  # not a diagonally preconditioned optimizer (decided at trace time)
-        return lambda grads: read(optimizer.update(grads, opt_state, params)[1])
+
+        def precond(grads: Any) -> Any:
+            done["update"] = optimizer.update(grads, opt_state, params)
+            return read(done["update"][1])
+
+        return precond
 
     def step(state: TrainState, batch: Any, with_diag: bool) -> tuple[TrainState, Metrics]:
         x, y = _split_batch(batch)
         params, pipe, terms = state.params, state.pipeline, dict(state.param_terms or {})
-        diag: Mapping[str, Any] = {}
+        diag: Mapping[str, Any] = Metrics.pack({})
+        done: dict[str, Any] = {}  # the optimizer update, when the diagnostics ran it
         if with_diag:
             names = tuple(getattr(pipe, "enabled_names", ())) if pipe is not None else ()
 
@@ -184,7 +196,7 @@ def _make_step(
                 pairwise=pairwise,
                 has_aux=True,
                 weights={n: weights[n] for n in names},
-                preconditioner=precondition(state.opt_state, params),
+                preconditioner=precondition(state.opt_state, params, done),
             )
             base, pm, extra = res.aux
             grads, loss = res.grads, res.loss
@@ -206,7 +218,10 @@ def _make_step(
             term_metrics[penalty_key(name, "weight")] = term.weight
             term_metrics[penalty_key(name, "finite")] = jnp.isfinite(raw)
             total = total + term.weight * raw
-        updates, opt_state = optimizer.update(grads, state.opt_state, params)
+        if "update" in done:
+            updates, opt_state = done["update"]
+        else:
+            updates, opt_state = optimizer.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
         grad_counts = leaf_finite_counts(grads)
         bad = sum((n + i for n, i in grad_counts.values()), jnp.zeros((), jnp.int32))
@@ -215,25 +230,26 @@ def _make_step(
             "loss_finite": jnp.isfinite(loss),
             "grads_finite": bad == 0,
             "grad_norm": optax.tree.norm(grads),
-            **diag,
         }
+        late: dict[str, Any] = {}
         if skip:
-            tail["update_skipped"] = jnp.logical_not(opt_state.last_finite)
+            late["update_skipped"] = jnp.logical_not(opt_state.last_finite)
         if leaf_report:
             param_counts = leaf_finite_counts(new_params)
             # one [n, 2] array per tree, not two scalar buffers per leaf
-            tail[LEAF_COUNTS] = {
+            late[LEAF_COUNTS] = {
                 "params": LeafCounts.pack(param_counts),
                 "grads": LeafCounts.pack(grad_counts),
             }
             # One scalar the monitor reads first: the per-leaf tree is only read when > 0.
-            tail[LEAF_COUNT_TOTAL] = bad + sum(
+            late[LEAF_COUNT_TOTAL] = bad + sum(
                 (n + i for n, i in param_counts.values()), jnp.zeros((), jnp.int32)
             )
         # The pipeline's buffers are reused whole; penalty order travels as data.
         penalties = (*pm.penalties, *terms)
         head = Metrics.pack({"loss": loss, "base_loss": base})
-        metrics = head.merge(pm, term_metrics, extra, tail, penalties=penalties)
+        # the diagnostics come packed (one column per figure) and are reused whole
+        metrics = head.merge(pm, term_metrics, extra, tail, diag, late, penalties=penalties)
         new_state = TrainState(new_params, opt_state, state.step + 1, pipe, terms)
         return new_state, metrics
 
