@@ -437,3 +437,36 @@ def test_prometheus_exports_pair_cosines_update_shares_groups_and_dead_fractions
     assert f'penwatch_capture_dead_fraction{{capture="hidden",{labels}}} 0.7' in text
     # the pair set is bounded: one series per unordered pair of terms, none for a term with itself
     assert text.count("penwatch_penalty_pair_cosine{") == 1
+
+
+def test_zero_weight_term_has_a_zero_gram_row_and_is_not_a_dead_term():
+    params = {"w": jnp.arange(1.0, 4.0)}
+    m = gradient_diagnostics(
+        lambda p: (jnp.sum((p["w"] - 1.0) ** 2), {"pull": 0.0 * jnp.sum(p["w"] ** 2)}),
+        params,
+        weights={"pull": 0.0},
+    )
+    assert float(m[gram_key("base", "pull")]) == 0.0 and float(m[gram_key("pull", "pull")]) == 0.0
+    values = {k: float(v) for k, v in m.items()} | {"pull_weight": 0.0}
+    rec = StepRecord(run="r", process=0, step=0, pipeline="p", wall_time=0.0, values=values)
+    assert pw.alerts.FirstStepLint().evaluate(rec) == []
+
+
+def test_custom_preconditioner_function_and_unmirrored_states():
+    model, params, batch = _mlp_setup()
+    ones = lambda opt_state: jax.tree.map(jnp.ones_like, params)  # noqa: E731
+    init, step = pw.training.build_activity_train_step(
+        model, _mse, {"hidden": (_l1_mean, 0.5)}, optax.sgd(0.1), diagnostics_every=1,
+        preconditioner=ones,
+    )  # fmt: skip
+    _, m = step(init(params), batch)
+    for t in ("base", "hidden"):  # P = 1: the update share is the gradient share
+        assert float(m[term_key(t, "update_share")]) == pytest.approx(
+            float(m[term_key(t, "grad_share")]), rel=1e-5, abs=1e-7
+        )
+    # a masked Adam's nu does not mirror the parameters: no preconditioner, no guess
+    mask = {"dense1": {"w": True, "b": True}, "dense2": {"w": False, "b": False}}
+    masked = optax.masked(optax.adam(0.1), mask)
+    assert diagonal_preconditioner(masked.init(params), params) is None
+    with pytest.raises(ValueError, match="preconditioner"):
+        pw.training.build_train_step(model, _mse, None, optax.sgd(0.1), preconditioner="adam")
