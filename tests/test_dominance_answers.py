@@ -470,3 +470,22 @@ def test_custom_preconditioner_function_and_unmirrored_states():
     assert diagonal_preconditioner(masked.init(params), params) is None
     with pytest.raises(ValueError, match="preconditioner"):
         pw.training.build_train_step(model, _mse, None, optax.sgd(0.1), preconditioner="adam")
+
+
+def test_gram_needs_the_weights_of_model_terms():
+    params = {"w": jnp.arange(1.0, 4.0)}
+
+    def terms(p):
+        return jnp.sum((p["w"] - 1.0) ** 2), {"pull": 0.5 * jnp.sum(p["w"] ** 2)}
+
+    assert gram_key("base", "pull") not in gradient_diagnostics(terms, params)
+    m = gradient_diagnostics(terms, params, weights={"pull": 0.5})
+    ref = 2 * (params["w"] - 1.0) @ (2 * params["w"])  # ⟨ĝ_base, ĝ_pull⟩, unweighted
+    assert float(m[gram_key("base", "pull")]) == pytest.approx(float(ref))
+    # parameter-only terms carry their weights: the matrix is emitted without `weights`
+    only = gradient_diagnostics(
+        lambda p: (terms(p)[0], {}), params, param_terms={"l2": l2_term(3.0)}
+    )
+    assert float(only[gram_key("l2", "l2")]) == pytest.approx(
+        float(jnp.sum((2 * params["w"]) ** 2))
+    )

@@ -141,7 +141,7 @@ def value_and_grad_with_diagnostics(
     pairwise: bool = False,
     has_aux: bool = False,
     weights: Mapping[str, Any] | None = None,
-    gram: bool = True,
+    gram: bool | None = None,
     groups: bool = True,
     preconditioner: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> DiagnosticsResult:
@@ -156,7 +156,9 @@ def value_and_grad_with_diagnostics(
     * ``gram``: the term Gram matrix of the *unweighted* gradients ``ĝ_i = g_i / w_i``,
       ``G_ij = ⟨ĝ_i, ĝ_j⟩``, as keys ``grad_gram[a,b]`` (``a`` before ``b`` in term
       order, diagonal included). A term of weight 0 has no measured direction: its
-      row and column are 0;
+      row and column are 0. Unweighting needs the weights inside ``terms_fn``'s terms:
+      by default (``gram=None``) the matrix is emitted when ``weights`` is given (``{}``
+      when every such term has weight 1) or ``terms_fn`` has no term but the base;
     * ``groups``: ``‖g_i‖`` restricted to each top-level parameter group
       (``<t>_param_grad_norm[<group>]``; the top level below a lone wrapper key such as
       Flax's ``"params"``);
@@ -175,7 +177,7 @@ def value_and_grad_with_diagnostics(
       weights: ``{name: w}``, the weights inside ``terms_fn``'s (weighted) terms, used
         to unweight the Gram matrix; unlisted terms have weight 1 (``base`` always;
         ``param_terms`` carry their own).
-      gram: emit the Gram matrix entries.
+      gram: emit the Gram matrix entries (None: when the weights are known, see above).
       groups: emit the per-group gradient norms.
       preconditioner: a diagonal preconditioner for update-space shares, or None.
 
@@ -275,6 +277,8 @@ def value_and_grad_with_diagnostics(
         keys = [group_key(n, group) for group in group_names for n in all_names]
         columns.append((keys, jnp.sqrt(jnp.maximum(sq, 0)).reshape(-1)))
         order += keys
+    if gram is None:
+        gram = weights is not None or k == 1
     if gram:
         weights = dict(weights or {})
         weights.update((name, term.weight) for name, term in param_terms.items())
