@@ -270,7 +270,8 @@ def _layout(keys: tuple[str, ...], penalties: tuple[str, ...] | None) -> Layout:
             term, _, group = key[:-1].rpartition(f"{norm}[")
             if term in term_set:
                 group_keys[(term, group)] = key
-                table[key] = (term, "group_grad_norm", "term", "gradient", _PARAM_GRAD, 0)
+                # scope "run": a term has one slot per quantity; groups are many
+                table[key] = (term, "group_grad_norm", "run", "gradient", _PARAM_GRAD, 0)
         elif key.startswith(f"{GRAM}[") and key.endswith("]"):
             pair = _split_pair(key[len(GRAM) + 1 : -1], term_set)
             if pair is not None:

@@ -401,7 +401,7 @@ def _gauge_plan(layout: Layout) -> dict[str, tuple[str, tuple[str, ...]]]:
             plan[slot.key] = ("penwatch_penalty_grad_norm", (name, "params"))
         elif slot.scope == "term" and slot.quantity in _TERM_GAUGES:
             plan[slot.key] = (_TERM_GAUGES[slot.quantity], (name,))
-        elif slot.scope == "term" and slot.quantity == "group_grad_norm":
+        elif slot.quantity == "group_grad_norm":
             group = slot.key[len(term_key(name, "param_grad_norm")) + 1 : -1]
             plan[slot.key] = ("penwatch_penalty_group_grad_norm", (name, group))
         elif slot.quantity == "dead_fraction":
