@@ -489,3 +489,25 @@ def test_gram_needs_the_weights_of_model_terms():
     assert float(only[gram_key("l2", "l2")]) == pytest.approx(
         float(jnp.sum((2 * params["w"]) ** 2))
     )
+
+
+def test_key_grammar_parses_gram_group_and_capture_keys():
+    from penwatch.schema import capture_key, find_nonfinite, layout_of
+
+    terms = ("base", "a,b", "l1_act")
+    values = {term_key(t, "grad_share"): 0.0 for t in terms}
+    values.update({gram_key(a, b): 1.0 for i, a in enumerate(terms) for b in terms[i:]})
+    values[group_key("l1_act", "dense[0]")] = 2.0
+    values[capture_key("hidden", "dead_fraction")] = 0.5
+    layout = layout_of(values)
+    assert layout.terms == terms
+    assert layout.gram_keys[("l1_act", "a,b")] == gram_key("a,b", "l1_act")
+    assert layout.group_keys == {("l1_act", "dense[0]"): group_key("l1_act", "dense[0]")}
+    assert layout.groups == ("dense[0]",) and layout.captures == ("hidden",)
+    rec = StepRecord(run="r", process=0, step=0, pipeline="p", wall_time=0.0, values=values)
+    assert rec.gram()[0] == terms and rec.dead_fractions() == {"hidden": 0.5}
+    assert rec.group_norms() == {("l1_act", "dense[0]"): 2.0}
+    # a NaN in a Gram entry is attributed to the gradients
+    bad = {**values, gram_key("base", "base"): float("nan")}
+    (found,) = find_nonfinite(tuple(bad.values()), layout_of(bad))
+    assert found.key == gram_key("base", "base") and found.source == "gradient"
