@@ -26,6 +26,10 @@ REQUIRED_ALERTS = {
     "PenwatchTrainingStalled": "penwatch_last_step_timestamp_seconds",
     "PenwatchTelemetryDropping": "penwatch_telemetry_dropped_total",
     "PenwatchLossSpike": "penwatch_loss",
+    "PenwatchGradientTugOfWar": "penwatch_penalty_grad_cosine",
+    "PenwatchActivityCollapse": "penwatch_capture_dead_fraction",
+    "PenwatchDeadTerm": "penwatch_penalty_grad_norm",
+    "PenwatchFirstStepShare": "penwatch_penalty_grad_share",
 }
 
 
@@ -139,7 +143,13 @@ def test_every_monitor_alert_has_a_rule_twin_with_labels_and_annotations():
         for field in ("summary", "description"):
             text = rule["annotations"][field]
             assert "$labels.run" in text and "$labels.process" in text, (name, field)
-    for name in ("PenwatchGradientDominance", "PenwatchGradientConflict"):
+    for name in (
+        "PenwatchGradientDominance",
+        "PenwatchGradientConflict",
+        "PenwatchGradientTugOfWar",
+        "PenwatchDeadTerm",
+        "PenwatchFirstStepShare",
+    ):
         assert "$labels.penalty" in rules[name]["annotations"]["summary"]
 
 
@@ -159,6 +169,10 @@ RULE_THRESHOLDS = [
     ("PenwatchGradientDominance", "penwatch_penalty_grad_share", ">", "DOMINANCE_SHARE"),
     ("PenwatchGradientConflict", "penwatch_penalty_grad_cosine", "<", "CONFLICT_COSINE"),
     ("PenwatchLossSpike", None, ">", "SPIKE_ZSCORE"),
+    ("PenwatchGradientTugOfWar", "penwatch_penalty_grad_cosine", "<", "TUG_COSINE"),
+    ("PenwatchGradientTugOfWar", None, ">=", "TUG_RATIO"),
+    ("PenwatchActivityCollapse", "penwatch_capture_dead_fraction", ">", "COLLAPSE_DEAD_FRACTION"),
+    ("PenwatchFirstStepShare", "penwatch_penalty_grad_share", ">", "LINT_SHARE"),
 ]
 _NUMBER = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
 

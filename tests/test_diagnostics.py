@@ -18,6 +18,7 @@ import penwatch as pw
 from penwatch import diagnostics as D
 from penwatch.diagnostics import _dominance
 from penwatch.penalties import elastic_net, l1, l2
+from penwatch.schema import gram_key, group_key
 
 
 @pytest.fixture(autouse=True)
@@ -150,13 +151,35 @@ DIAG = jax.jit(D.value_and_grad_with_diagnostics, static_argnums=0, static_argna
 def test_metrics_match_numpy_reference(backward):
     params, x, y = _make()
     terms_fn = make_terms_fn(x, y, 0.1, 0.05)
-    res = DIAG(terms_fn, params, param_terms=param_terms(), pairwise=True)
-    names, norms, shares, pair = numpy_metrics(reference_grads(params, x, y, 0.1, 0.05))
+    weights = {"entropy": 0.1, "magnitude": 0.05}
+    res = DIAG(terms_fn, params, param_terms=param_terms(), pairwise=True, weights=weights)
+    grads = reference_grads(params, x, y, 0.1, 0.05)
+    names, norms, shares, pair = numpy_metrics(grads)
     assert D.term_names(terms_fn, params, param_terms=param_terms()) == tuple(names)
     m = res.metrics
-    assert set(m) == {
-        f"{n}_{q}" for n in names for q in ("param_grad_norm", "grad_share", "grad_cosine")
-    } | {"pairwise_cosine"}
+    gram = {gram_key(a, b) for i, a in enumerate(names) for b in names[i:]}
+    groups = {group_key(n, leaf) for n in names for leaf in ("b1", "b2", "w1", "w2")}
+    assert (
+        set(m)
+        == {f"{n}_{q}" for n in names for q in ("param_grad_norm", "grad_share", "grad_cosine")}
+        | {"pairwise_cosine"}
+        | gram
+        | groups
+    )
+    # SPEC §12: the Gram matrix of the *unweighted* gradients, in float64
+    w = {"base": 1.0, **weights, "l1": PT_W[0], "l2": PT_W[1], "en": PT_W[2]}
+    for i, a in enumerate(names):
+        for b in names[i:]:
+            ref = grads[a] @ grads[b] / (w[a] * w[b])
+            np.testing.assert_allclose(m[gram_key(a, b)], ref, rtol=1e-9, atol=1e-12)
+    # per-group norms: the raveled gradient split at the leaves (sorted keys b1 b2 w1 w2)
+    sizes = np.cumsum([v.size for _, v in sorted(params.items())])[:-1]
+    for n in names:
+        parts = np.split(grads[n], sizes)
+        for leaf, part in zip(("b1", "b2", "w1", "w2"), parts, strict=True):
+            np.testing.assert_allclose(
+                m[group_key(n, leaf)], np.linalg.norm(part), rtol=1e-9, atol=1e-14
+            )
     for i, n in enumerate(names):
         assert m[f"{n}_param_grad_norm"].dtype == jnp.float64
         np.testing.assert_allclose(m[f"{n}_param_grad_norm"], norms[i], rtol=1e-10)

@@ -23,6 +23,12 @@ EXPECTED = {
         "penwatch.training: step 0:",
     ],
     "optax_integration.py": ["coupled vs decoupled", "near-zero weights=", "Composition"],
+    "fixing_a_strong_penalty.py": [
+        "[GradientTugOfWar] penalty 'hidden' holds the task back",
+        "suggest_weights: feasible=True",
+        "median suggested weight",
+        "after the fix: task loss",
+    ],
     "optax_full_integration.py": ["AGC clip_factor=0.1", "centralization", "step    0"],
 }
 

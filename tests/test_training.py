@@ -152,7 +152,9 @@ def _reference_terms(p):
 
 
 DIAG_REFERENCE = jax.jit(
-    lambda p: gradient_diagnostics(_reference_terms, p, param_terms={"decay": l2_term(0.01)})
+    lambda p: gradient_diagnostics(
+        _reference_terms, p, param_terms={"decay": l2_term(0.01)}, weights=OUT_PIPE.weights
+    )
 )
 
 

@@ -5,6 +5,9 @@ the SQLite ``events`` table, a log line) and has a Prometheus alerting-rule twin
 ``deploy/prometheus/alerts.yml``.
 """
 
+from penwatch.alerts._balance import ActivityCollapse as ActivityCollapse
+from penwatch.alerts._balance import FirstStepLint as FirstStepLint
+from penwatch.alerts._balance import GradientTugOfWar as GradientTugOfWar
 from penwatch.alerts._base import Alert as Alert
 from penwatch.alerts._base import Episodes as Episodes
 from penwatch.alerts._gradient import GradientConflict as GradientConflict
@@ -15,10 +18,13 @@ from penwatch.alerts._spike import LossSpike as LossSpike
 from penwatch.alerts._spike import robust_zscore as robust_zscore
 
 __all__ = [
+    "ActivityCollapse",
     "Alert",
     "Episodes",
+    "FirstStepLint",
     "GradientConflict",
     "GradientDominance",
+    "GradientTugOfWar",
     "LossSpike",
     "NonFinite",
     "NonFiniteDetected",

@@ -16,9 +16,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from penwatch.diagnostics._closed_form import ParamTerm, _zero_grad
-from penwatch.schema import term_key
+from penwatch.schema import Metrics, gram_key, group_key, term_key
 
 PyTree = Any
 TermsFn = Callable[[PyTree], Any]
@@ -53,14 +54,14 @@ class DiagnosticsResult(NamedTuple):
       values: each term's value by name: ``"base"`` first, then every other term
         (model-dependent and parameter-only) sorted by name.
       grads: the total gradient ``g`` (shaped like ``params``), ready for an optimizer.
-      metrics: the diagnostics, as from :func:`gradient_diagnostics`.
+      metrics: the diagnostics, as from :func:`gradient_diagnostics` (a ``pw.Metrics``).
       aux: ``terms_fn``'s auxiliary output with ``has_aux=True``, else ``None``.
     """
 
     loss: jax.Array
     values: dict[str, jax.Array]
     grads: PyTree
-    metrics: dict[str, jax.Array]
+    metrics: Metrics
     aux: Any = None
 
 
@@ -70,7 +71,9 @@ def gradient_diagnostics(
     *,
     param_terms: Mapping[str, ParamTerm] | None = None,
     pairwise: bool = False,
-) -> dict[str, jax.Array]:
+    weights: Mapping[str, Any] | None = None,
+    preconditioner: PyTree | Callable[[PyTree], PyTree] | None = None,
+) -> Metrics:
     """Per-term parameter-gradient norms, additive shares and cosines, in one pass.
 
     With base (task) loss ``L_0``, weighted terms ``T_i`` and ``g_i = ∇_θ T_i``,
@@ -97,13 +100,20 @@ def gradient_diagnostics(
       param_terms: ``{name: term}`` of parameter-only terms from :func:`l1_term`,
         :func:`l2_term`, :func:`elastic_net_term` (weights are data: no recompiles).
       pairwise: also return the ``[T, T]`` matrix of cosines between all terms.
+      weights: the weights inside ``terms_fn``'s terms, to unweight the Gram matrix
+        (see :func:`value_and_grad_with_diagnostics`).
+      preconditioner: a diagonal preconditioner for ``<t>_update_share``.
 
     Returns:
-      A dict of device arrays. Per term ``<t>`` (``base``, the names of ``terms_fn``'s
-      terms and of ``param_terms``, which must be distinct): ``"<t>_param_grad_norm"``,
+      A ``pw.Metrics`` (an immutable mapping of device arrays, packed one buffer
+      per dtype; ``dict(m)`` gives a plain dict). Per term ``<t>`` (``base``, the
+      names of ``terms_fn``'s terms and of ``param_terms``, which must be distinct):
+      ``"<t>_param_grad_norm"``,
       ``"<t>_grad_share"``, ``"<t>_grad_cosine"`` (scalars); with ``pairwise=True`` also
       ``"pairwise_cosine"``, a ``[T, T]`` matrix whose rows and columns are ``base`` then
-      the other terms sorted by name (:func:`term_names` gives that order).
+      the other terms sorted by name (:func:`term_names` gives that order); and the
+      SPEC §12 figures of :func:`value_and_grad_with_diagnostics` (``grad_gram[a,b]``,
+      ``<t>_param_grad_norm[<group>]``, ``<t>_update_share`` with a preconditioner).
 
     Example:
       >>> import jax.numpy as jnp, penwatch as pw
@@ -114,7 +124,12 @@ def gradient_diagnostics(
       (1.0, 0.0)
     """
     return value_and_grad_with_diagnostics(
-        terms_fn, params, param_terms=param_terms, pairwise=pairwise
+        terms_fn,
+        params,
+        param_terms=param_terms,
+        pairwise=pairwise,
+        weights=weights,
+        preconditioner=preconditioner,
     ).metrics
 
 
@@ -125,12 +140,32 @@ def value_and_grad_with_diagnostics(
     param_terms: Mapping[str, ParamTerm] | None = None,
     pairwise: bool = False,
     has_aux: bool = False,
+    weights: Mapping[str, Any] | None = None,
+    gram: bool | None = None,
+    groups: bool = True,
+    preconditioner: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> DiagnosticsResult:
     """Total loss, total gradient and :func:`gradient_diagnostics`, from one pass.
 
     What a train step needs on a diagnostics step: the same single forward pass and
     per-term backward passes that yield the per-term gradients also yield the total gradient
     ``g = Σ_i g_i`` for the update, so no separate ``value_and_grad`` is needed.
+
+    On top of the SPEC §4 figures (SPEC §12), from the same per-term gradients:
+
+    * ``gram``: the term Gram matrix of the *unweighted* gradients ``ĝ_i = g_i / w_i``,
+      ``G_ij = ⟨ĝ_i, ĝ_j⟩``, as keys ``grad_gram[a,b]`` (``a`` before ``b`` in term
+      order, diagonal included). A term of weight 0 has no measured direction: its
+      row and column are 0. Unweighting needs the weights inside ``terms_fn``'s terms:
+      by default (``gram=None``) the matrix is emitted when ``weights`` is given (``{}``
+      when every such term has weight 1) or ``terms_fn`` has no term but the base;
+    * ``groups``: ``‖g_i‖`` restricted to each top-level parameter group
+      (``<t>_param_grad_norm[<group>]``; the top level below a lone wrapper key such as
+      Flax's ``"params"``);
+    * ``preconditioner``: a diagonal ``P`` (a pytree shaped like ``params``, or a
+      function of the total gradient returning one, e.g. from
+      :func:`diagonal_preconditioner`) gives the update-space shares
+      ``<t>_update_share = ⟨P g_i, P g⟩ / ‖P g‖²``.
 
     Args:
       terms_fn: as in :func:`gradient_diagnostics`; with ``has_aux=True`` it returns
@@ -139,6 +174,12 @@ def value_and_grad_with_diagnostics(
       param_terms: parameter-only terms with closed-form gradients.
       pairwise: also compute the pairwise cosine matrix.
       has_aux: whether ``terms_fn`` returns an auxiliary output.
+      weights: ``{name: w}``, the weights inside ``terms_fn``'s (weighted) terms, used
+        to unweight the Gram matrix; unlisted terms have weight 1 (``base`` always;
+        ``param_terms`` carry their own).
+      gram: emit the Gram matrix entries (None: when the weights are known, see above).
+      groups: emit the per-group gradient norms.
+      preconditioner: a diagonal preconditioner for update-space shares, or None.
 
     Returns:
       A :class:`DiagnosticsResult` ``(loss, values, grads, metrics, aux)``.
@@ -158,7 +199,10 @@ def value_and_grad_with_diagnostics(
     else:
         (values, vjp_fn), aux = jax.vjp(stacked, params), None
     k = values.shape[0]
-    leaves, treedef = jax.tree.flatten(params)
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [leaf for _, leaf in path_leaves]
+    leaf_groups = _leaf_groups([path for path, _ in path_leaves])
+    group_names = list(dict.fromkeys(leaf_groups)) if groups else []
     # per term, its gradient's leaves (model terms first, then the closed-form ones)
     if _backward() == "vmap":
         (batched,) = jax.vmap(vjp_fn)(jnp.eye(k, dtype=values.dtype))
@@ -173,21 +217,44 @@ def value_and_grad_with_diagnostics(
         jnp.float32, values.dtype, *(leaf.dtype for leaf in leaves if _is_float(leaf))
     )
     t = len(term_leaves)
-    gram = jnp.zeros((t, t), acc)  # ⟨g_i, g_j⟩
+    gram_w = jnp.zeros((t, t), acc)  # ⟨g_i, g_j⟩
     dots = jnp.zeros((t,), acc)  # ⟨g_i, g⟩
     gg = jnp.zeros((), acc)  # ‖g‖²
+    group_sq = {group: jnp.zeros((t,), acc) for group in group_names}
     total_leaves = []
+    stacks: list[tuple[jax.Array, jax.Array] | None] = []
     for i, leaf in enumerate(leaves):
         if not _is_float(leaf):
             total_leaves.append(_zero_grad(jnp.asarray(leaf)))
+            stacks.append(None)
             continue
         # one [T, n] operand per leaf: no raveled copy of the whole parameter vector
         r = jnp.stack([term[i].reshape(leaf.size).astype(acc) for term in term_leaves])
         g = jnp.sum(r, axis=0)
-        gram = gram + jnp.matmul(r, r.T, precision=_HIGHEST)
+        rr = jnp.matmul(r, r.T, precision=_HIGHEST)
+        gram_w = gram_w + rr
+        if groups:
+            group_sq[leaf_groups[i]] = group_sq[leaf_groups[i]] + jnp.diagonal(rr)
         dots = dots + jnp.matmul(r, g, precision=_HIGHEST)
         gg = gg + jnp.dot(g, g, precision=_HIGHEST)
         total_leaves.append(g.reshape(leaf.shape).astype(leaf.dtype))
+        stacks.append((r, g))
+    grads = jax.tree.unflatten(treedef, total_leaves)
+
+    update_dots = None
+    if preconditioner is not None:
+        precond = preconditioner(grads) if callable(preconditioner) else preconditioner
+        p_leaves = treedef.flatten_up_to(precond)
+        update_dots = jnp.zeros((t,), acc)  # ⟨P g_i, P g⟩
+        update_gg = jnp.zeros((), acc)  # ‖P g‖²
+        for leaf, stack, p_leaf in zip(leaves, stacks, p_leaves, strict=True):
+            if stack is None:
+                continue
+            r, g = stack
+            p = jnp.broadcast_to(jnp.asarray(p_leaf, acc), jnp.shape(leaf)).reshape(-1)
+            pg = p * g
+            update_dots = update_dots + jnp.matmul(r, p * pg, precision=_HIGHEST)
+            update_gg = update_gg + jnp.dot(pg, pg, precision=_HIGHEST)
 
     # report in a fixed order — base, then every other term by name — whatever order
     # dicts come in (pytree flattening under jit sorts them)
@@ -195,7 +262,38 @@ def value_and_grad_with_diagnostics(
     order = [0, *sorted(range(1, t), key=all_names.__getitem__)]
     perm = jnp.asarray(order)
     all_names = [all_names[i] for i in order]
-    metrics = _metrics(all_names, gram[perm][:, perm], dots[perm], gg, pairwise=pairwise)
+    gram_p = gram_w[perm][:, perm]
+    norms, shares, cos = _figures(gram_p, dots[perm], gg)
+    per_term = [(q, v) for q, v in (("param_grad_norm", norms), ("grad_share", shares))]
+    per_term.append(("grad_cosine", cos[:, 0]))
+    if update_dots is not None:
+        per_term.append(("update_share", _share_vector(update_dots[perm], update_gg)))
+    # one column per figure, packed in one piece (a scalar per key would cost one small
+    # kernel each on XLA:CPU); keys per term in turn, then groups, then the Gram matrix
+    columns = [([term_key(n, q) for n in all_names], v) for q, v in per_term]
+    order = [term_key(n, q) for n in all_names for q, _ in per_term]
+    if groups and group_names:
+        sq = jnp.stack([group_sq[group][perm] for group in group_names])
+        keys = [group_key(n, group) for group in group_names for n in all_names]
+        columns.append((keys, jnp.sqrt(jnp.maximum(sq, 0)).reshape(-1)))
+        order += keys
+    if gram is None:
+        gram = weights is not None or k == 1
+    if gram:
+        weights = dict(weights or {})
+        weights.update((name, term.weight) for name, term in param_terms.items())
+        w = jnp.stack(
+            [jnp.asarray(weights.get(n, 1.0) if n != BASE else 1.0, acc) for n in all_names]
+        )
+        inv = jnp.where(w != 0, 1 / jnp.where(w != 0, w, 1), 0)
+        upper = np.triu_indices(t)
+        unweighted = (gram_p * inv[:, None] * inv[None, :])[upper]
+        keys = [gram_key(all_names[a], all_names[b]) for a, b in zip(*upper, strict=True)]
+        columns.append((keys, unweighted))
+        order += keys
+    metrics = Metrics.from_columns(columns, order=order)
+    if pairwise:
+        metrics = metrics.merge({PAIRWISE_KEY: cos})
     unordered = dict(zip(names, values, strict=True))
     unordered.update((name, value) for name, (value, _) in zip(param_terms, closed, strict=True))
     term_values = {name: unordered[name] for name in all_names}
@@ -203,10 +301,29 @@ def value_and_grad_with_diagnostics(
     return DiagnosticsResult(
         loss=loss,
         values=term_values,
-        grads=jax.tree.unflatten(treedef, total_leaves),
+        grads=grads,
         metrics=metrics,
         aux=aux,
     )
+
+
+def _leaf_groups(paths: list[tuple[Any, ...]]) -> list[str]:
+    """Each leaf's top-level parameter group (below a lone wrapper key like ``params``)."""
+
+    def name(entry: Any) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                return str(getattr(entry, attr))
+        return str(entry)
+
+    depth = 0
+    while (
+        paths
+        and all(len(p) > depth + 1 for p in paths)
+        and len({name(p[depth]) for p in paths}) == 1
+    ):
+        depth += 1
+    return [name(p[depth]) if len(p) > depth else "params" for p in paths]
 
 
 def term_names(
@@ -234,25 +351,20 @@ def term_names(
     return (BASE, *sorted([*names[1:], *param_terms]))
 
 
-def _metrics(
-    names: list[str], gram: jax.Array, dots: jax.Array, gg: jax.Array, *, pairwise: bool
-) -> dict[str, jax.Array]:
-    """Norms, shares and cosines from the Gram matrix, with zero-norm guards."""
+def _share_vector(dots: jax.Array, gg: jax.Array) -> jax.Array:
+    """``⟨x_i, x⟩ / ‖x‖²`` per term (0 when ``x = 0``)."""
+    nonzero = gg > 0
+    return jnp.where(nonzero, dots / jnp.where(nonzero, gg, 1), 0)
+
+
+def _figures(gram: jax.Array, dots: jax.Array, gg: jax.Array) -> tuple[jax.Array, ...]:
+    """Norms, shares and the cosine matrix from the Gram matrix, with zero-norm guards."""
     norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0))
-    nonzero_total = gg > 0
-    shares = jnp.where(nonzero_total, dots / jnp.where(nonzero_total, gg, 1), 0)
     denom = norms[:, None] * norms[None, :]
     ok = denom > 0
     cos = jnp.clip(jnp.where(ok, gram / jnp.where(ok, denom, 1), 0), -1, 1)
-    cos = jnp.where(jnp.eye(len(names), dtype=bool), (norms > 0).astype(cos.dtype), cos)
-    metrics: dict[str, jax.Array] = {}
-    for i, name in enumerate(names):
-        metrics[term_key(name, "param_grad_norm")] = norms[i]
-        metrics[term_key(name, "grad_share")] = shares[i]
-        metrics[term_key(name, "grad_cosine")] = cos[i, 0]
-    if pairwise:
-        metrics[PAIRWISE_KEY] = cos
-    return metrics
+    cos = jnp.where(jnp.eye(gram.shape[0], dtype=bool), (norms > 0).astype(cos.dtype), cos)
+    return norms, _share_vector(dots, gg), cos
 
 
 def _is_float(leaf: Any) -> bool:

@@ -8,6 +8,8 @@ other penwatch layer.
 
 from penwatch.schema import _thresholds as thresholds
 from penwatch.schema._keys import BASE_TERM as BASE_TERM
+from penwatch.schema._keys import CAPTURE_QUANTITIES as CAPTURE_QUANTITIES
+from penwatch.schema._keys import GRAM as GRAM
 from penwatch.schema._keys import LEAF_COUNT_TOTAL as LEAF_COUNT_TOTAL
 from penwatch.schema._keys import LEAF_COUNTS as LEAF_COUNTS
 from penwatch.schema._keys import PENALTY_QUANTITIES as PENALTY_QUANTITIES
@@ -15,6 +17,9 @@ from penwatch.schema._keys import RUN_KEYS as RUN_KEYS
 from penwatch.schema._keys import TERM_QUANTITIES as TERM_QUANTITIES
 from penwatch.schema._keys import Layout as Layout
 from penwatch.schema._keys import Slot as Slot
+from penwatch.schema._keys import capture_key as capture_key
+from penwatch.schema._keys import gram_key as gram_key
+from penwatch.schema._keys import group_key as group_key
 from penwatch.schema._keys import is_reserved as is_reserved
 from penwatch.schema._keys import layout_of as layout_of
 from penwatch.schema._keys import penalty_key as penalty_key
@@ -39,6 +44,8 @@ from penwatch.schema._record import TermValues as TermValues
 
 __all__ = [
     "BASE_TERM",
+    "CAPTURE_QUANTITIES",
+    "GRAM",
     "LEAF_COUNTS",
     "LEAF_COUNT_TOTAL",
     "PENALTY_QUANTITIES",
@@ -60,8 +67,11 @@ __all__ = [
     "Slot",
     "StepRecord",
     "TermValues",
+    "capture_key",
     "describe",
     "find_nonfinite",
+    "gram_key",
+    "group_key",
     "is_reserved",
     "layout_of",
     "leaf_reports",

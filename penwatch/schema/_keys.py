@@ -5,7 +5,13 @@ A step's metrics are a flat mapping of string keys:
 * per penalty ``P``: ``P`` (raw value), ``P_weighted``, ``P_weight``, ``P_finite`` and,
   with input-gradient tracking, ``P_grad_norm``;
 * per gradient term ``T`` (``base`` or a penalty name): ``T_param_grad_norm``,
-  ``T_grad_share``, ``T_grad_cosine``;
+  ``T_grad_share``, ``T_grad_cosine`` (SPEC section 4), ``T_update_share`` and
+  ``T_suggested_weight`` (SPEC section 12);
+* per gradient term ``T`` and top-level parameter group ``G``: ``T_param_grad_norm[G]``
+  (:func:`group_key`);
+* per pair of terms ``A``, ``B`` (``A`` before ``B`` in term order): ``grad_gram[A,B]``,
+  the inner product of their *unweighted* parameter gradients (:func:`gram_key`);
+* per captured activation ``C`` (``pw.capture``): ``C_dead_fraction`` (:func:`capture_key`);
 * run level: :data:`RUN_KEYS` (``total``, ``loss``, ``base_loss``, ...);
 * keys starting with ``_`` are reserved (not metrics): :data:`LEAF_COUNTS` carries the
   in-step per-leaf NaN/Inf counts and :data:`LEAF_COUNT_TOTAL` their total.
@@ -24,6 +30,8 @@ from typing import Literal
 
 __all__ = [
     "BASE_TERM",
+    "CAPTURE_QUANTITIES",
+    "GRAM",
     "LEAF_COUNTS",
     "LEAF_COUNT_TOTAL",
     "PENALTY_QUANTITIES",
@@ -32,6 +40,9 @@ __all__ = [
     "Layout",
     "Slot",
     "Source",
+    "capture_key",
+    "gram_key",
+    "group_key",
     "is_reserved",
     "layout_of",
     "penalty_key",
@@ -51,9 +62,17 @@ TERM_QUANTITIES: Mapping[str, str] = {
     "param_grad_norm": "_param_grad_norm",
     "grad_share": "_grad_share",
     "grad_cosine": "_grad_cosine",
+    "update_share": "_update_share",
+    "suggested_weight": "_suggested_weight",
 }
-"""Per-term gradient-diagnostic quantity -> key suffix (SPEC section 4).
+"""Per-term gradient-diagnostic quantity -> key suffix (SPEC sections 4 and 12).
 ``T_grad_share`` marks a term."""
+
+CAPTURE_QUANTITIES: Mapping[str, str] = {"dead_fraction": "_dead_fraction"}
+"""Per-capture (``pw.capture``) quantity -> key suffix (SPEC section 12)."""
+
+GRAM = "grad_gram"
+"""Prefix of the term Gram matrix entries: ``grad_gram[A,B]``."""
 
 RUN_KEYS: tuple[str, ...] = (
     "total",
@@ -88,7 +107,13 @@ _PENALTY_GROUPS = {
     "finite": _WEIGHTED,
     "grad_norm": _INPUT_GRAD,
 }
-_TERM_GROUPS = {"param_grad_norm": _PARAM_GRAD, "grad_share": _SHARE, "grad_cosine": _COSINE}
+_TERM_GROUPS = {
+    "param_grad_norm": _PARAM_GRAD,
+    "grad_share": _SHARE,
+    "grad_cosine": _COSINE,
+    "update_share": _SHARE,
+    "suggested_weight": _OTHER,
+}
 _RUN_GROUPS = {
     "total": (_TOTAL, "total"),
     "base_loss": (_BASE, "loss"),
@@ -108,6 +133,22 @@ def penalty_key(name: str, quantity: str = "value") -> str:
 def term_key(name: str, quantity: str) -> str:
     """The flat key of a gradient-term quantity: ``term_key("l1", "grad_share")``."""
     return name + TERM_QUANTITIES[quantity]
+
+
+def group_key(name: str, group: str) -> str:
+    """The key of a term's gradient norm over one parameter group:
+    ``group_key("l1", "dense1") == "l1_param_grad_norm[dense1]"``."""
+    return f"{term_key(name, 'param_grad_norm')}[{group}]"
+
+
+def gram_key(a: str, b: str) -> str:
+    """The key of one term Gram matrix entry ``⟨ĝ_a, ĝ_b⟩``: ``"grad_gram[base,l1]"``."""
+    return f"{GRAM}[{a},{b}]"
+
+
+def capture_key(name: str, quantity: str) -> str:
+    """The flat key of a captured activation's quantity: ``"hidden1_dead_fraction"``."""
+    return name + CAPTURE_QUANTITIES[quantity]
 
 
 def is_reserved(key: str) -> bool:
@@ -152,6 +193,12 @@ class Layout:
       terms: gradient-diagnostic terms, ``base`` first.
       slots: one :class:`Slot` per key, aligned with ``keys``.
       index: key -> position.
+      groups: parameter groups with per-term gradient norms (:func:`group_key`), in
+        key order.
+      group_keys: ``(term, group) -> key`` of the per-group gradient norms.
+      gram_keys: ``(term_a, term_b) -> key`` of the Gram matrix entries present (both
+        orders map to the one key).
+      captures: captured activations with ``C_dead_fraction``, in key order.
     """
 
     keys: tuple[str, ...]
@@ -159,6 +206,10 @@ class Layout:
     terms: tuple[str, ...]
     slots: tuple[Slot, ...]
     index: Mapping[str, int]
+    groups: tuple[str, ...] = ()
+    group_keys: Mapping[tuple[str, str], str] = dataclasses.field(default_factory=dict)
+    gram_keys: Mapping[tuple[str, str], str] = dataclasses.field(default_factory=dict)
+    captures: tuple[str, ...] = ()
 
     def penalty_keys(self, name: str) -> dict[str, str]:
         """quantity -> key of one penalty's present quantities."""
@@ -208,6 +259,27 @@ def _layout(keys: tuple[str, ...], penalties: tuple[str, ...] | None) -> Layout:
             table.setdefault(
                 p + suffix, (p, quantity, "penalty", source, _PENALTY_GROUPS[quantity], i)
             )
+    term_set = set(terms)
+    norm = TERM_QUANTITIES["param_grad_norm"]
+    group_keys: dict[tuple[str, str], str] = {}
+    gram_keys: dict[tuple[str, str], str] = {}
+    captures: list[str] = []
+    dead = CAPTURE_QUANTITIES["dead_fraction"]
+    for key in keys:
+        if key.endswith("]") and f"{norm}[" in key:
+            term, _, group = key[:-1].rpartition(f"{norm}[")
+            if term in term_set:
+                group_keys[(term, group)] = key
+                # scope "run": a term has one slot per quantity; groups are many
+                table[key] = (term, "group_grad_norm", "run", "gradient", _PARAM_GRAD, 0)
+        elif key.startswith(f"{GRAM}[") and key.endswith("]"):
+            pair = _split_pair(key[len(GRAM) + 1 : -1], term_set)
+            if pair is not None:
+                gram_keys[pair] = gram_keys[pair[::-1]] = key
+                table[key] = (None, GRAM, "run", "gradient", _PARAM_GRAD, len(terms))
+        elif key.endswith(dead) and key != dead and key not in table:
+            captures.append(key[: -len(dead)])
+            table[key] = (key[: -len(dead)], "dead_fraction", "run", "other", _OTHER, 0)
     n_terms = len(terms)
     slots = []
     for position, key in enumerate(keys):
@@ -226,4 +298,16 @@ def _layout(keys: tuple[str, ...], penalties: tuple[str, ...] | None) -> Layout:
         terms=terms,
         slots=tuple(slots),
         index={k: i for i, k in enumerate(keys)},
+        groups=tuple(dict.fromkeys(g for _, g in group_keys)),
+        group_keys=group_keys,
+        gram_keys=gram_keys,
+        captures=tuple(captures),
     )
+
+
+def _split_pair(inner: str, terms: set[str]) -> tuple[str, str] | None:
+    """``"a,b"`` -> ``(a, b)`` for known terms ``a`` and ``b`` (names may hold commas)."""
+    for i, ch in enumerate(inner):
+        if ch == "," and inner[:i] in terms and inner[i + 1 :] in terms:
+            return inner[:i], inner[i + 1 :]
+    return None

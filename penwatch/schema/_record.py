@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from penwatch.schema._keys import Layout, Source, layout_of
+from penwatch.schema._keys import Layout, Source, capture_key, layout_of
 
 __all__ = [
     "RUN_STATUSES",
@@ -80,6 +80,8 @@ class TermValues:
     param_grad_norm: float | None = None
     grad_share: float | None = None
     grad_cosine: float | None = None
+    update_share: float | None = None
+    suggested_weight: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +158,23 @@ class StepRecord:
     def term_values(self) -> tuple[TermValues, ...]:
         """Every term's diagnostics, ``base`` first."""
         return tuple(self.term(t) for t in self.terms)
+
+    def gram(self) -> tuple[tuple[str, ...], list[list[float]]] | None:
+        """The term Gram matrix ``(terms, G)`` of this step's unweighted per-term
+        gradients (``G[i][j] = ⟨ĝ_i, ĝ_j⟩``, SPEC section 12), or None when the record
+        does not hold every entry."""
+        terms, keys = self.terms, self.layout.gram_keys
+        if not terms or any((a, b) not in keys for a in terms for b in terms):
+            return None
+        return terms, [[self.values[keys[(a, b)]] for b in terms] for a in terms]
+
+    def group_norms(self) -> dict[tuple[str, str], float]:
+        """``(term, group) -> ‖g_term‖`` over one top-level parameter group."""
+        return {tg: self.values[k] for tg, k in self.layout.group_keys.items()}
+
+    def dead_fractions(self) -> dict[str, float]:
+        """``capture -> fraction of its units zero for the whole batch``."""
+        return {c: self.values[capture_key(c, "dead_fraction")] for c in self.layout.captures}
 
     @property
     def started_at_ns(self) -> int | None:

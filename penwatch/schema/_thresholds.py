@@ -7,15 +7,23 @@ checks that the rules use these values.
 from __future__ import annotations
 
 __all__ = [
+    "COLLAPSE_DEAD_FRACTION",
+    "COLLAPSE_PATIENCE",
     "CONFLICT_COSINE",
     "CONFLICT_PATIENCE",
     "DOMINANCE_PATIENCE",
     "DOMINANCE_SHARE",
     "HEARTBEAT_SECONDS",
+    "LINT_SHARE",
     "SPIKE_MIN_DELTA",
     "SPIKE_WINDOW",
     "SPIKE_ZSCORE",
     "STALE_AFTER_SECONDS",
+    "SUGGEST_BASE_MIN_SHARE",
+    "SUGGEST_PENALTY_MAX_SHARE",
+    "TUG_COSINE",
+    "TUG_PATIENCE",
+    "TUG_RATIO",
 ]
 
 DOMINANCE_SHARE = 0.5
@@ -29,6 +37,31 @@ CONFLICT_COSINE = -0.5
 
 CONFLICT_PATIENCE = 20
 """Consecutive diagnostic records below :data:`CONFLICT_COSINE` before alerting."""
+
+TUG_RATIO = 0.5
+"""Tug of war: a penalty's gradient norm is at least this fraction of the task's (SPEC §12)."""
+
+TUG_COSINE = -0.5
+"""Tug of war: ... and its gradient cosine to the task gradient is below this."""
+
+TUG_PATIENCE = 5
+"""Consecutive diagnostic records in tug of war before alerting."""
+
+COLLAPSE_DEAD_FRACTION = 0.5
+"""A captured activation with more than this fraction of dead units has collapsed."""
+
+COLLAPSE_PATIENCE = 1
+"""Consecutive records above :data:`COLLAPSE_DEAD_FRACTION` before alerting."""
+
+LINT_SHARE = 0.9
+"""First-step lint: a penalty with a gradient share above this at the first diagnostics
+step is reported at once."""
+
+SUGGEST_PENALTY_MAX_SHARE = 0.3
+"""``suggest_weights``' default band: each penalty's gradient share at most this..."""
+
+SUGGEST_BASE_MIN_SHARE = 0.5
+"""... and the base (task) term's share at least this."""
 
 SPIKE_ZSCORE = 6.0
 """Robust z-score above which a loss (or metric) value is a spike."""

@@ -10,6 +10,7 @@ histogram.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from penwatch import _checks
-from penwatch.schema import Event, Layout, RunInfo, RunStatus, StepRecord
+from penwatch.schema import Event, Layout, RunInfo, RunStatus, StepRecord, term_key
 from penwatch.sinks._base import Sink
 
 __all__ = ["DURATION_BUCKETS", "METRICS", "Prometheus"]
@@ -57,6 +58,32 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "gauge",
         _PEN,
         "Cosine between a term's parameter gradient and the base-loss gradient.",
+    ),
+    "penwatch_penalty_update_share": (
+        "gauge",
+        _PEN,
+        "Share <P g_i, P g> / |P g|^2 of a term in the optimizer's (diagonally "
+        "preconditioned) update.",
+    ),
+    "penwatch_penalty_suggested_weight": (
+        "gauge",
+        _PEN,
+        "Advisory weight that brings the term's gradient share and pull into the band.",
+    ),
+    "penwatch_penalty_pair_cosine": (
+        "gauge",
+        (*_PEN, "other"),
+        "Cosine between two terms' parameter gradients (from the term Gram matrix).",
+    ),
+    "penwatch_penalty_group_grad_norm": (
+        "gauge",
+        (*_PEN, "group"),
+        "A term's parameter-gradient norm over one top-level parameter group (layer).",
+    ),
+    "penwatch_capture_dead_fraction": (
+        "gauge",
+        (*_RUN, "pipeline", "capture"),
+        "Fraction of a captured activation's units that are zero for the whole batch.",
     ),
     "penwatch_nonfinite_total": (
         "counter",
@@ -120,6 +147,11 @@ _LATEST_GAUGES = (
     "penwatch_penalty_grad_norm",
     "penwatch_penalty_grad_share",
     "penwatch_penalty_grad_cosine",
+    "penwatch_penalty_update_share",
+    "penwatch_penalty_suggested_weight",
+    "penwatch_penalty_pair_cosine",
+    "penwatch_penalty_group_grad_norm",
+    "penwatch_capture_dead_fraction",
 )
 _PENALTY_GAUGES = {
     "value": "penwatch_penalty_value",
@@ -129,7 +161,11 @@ _PENALTY_GAUGES = {
 _TERM_GAUGES = {
     "grad_share": "penwatch_penalty_grad_share",
     "grad_cosine": "penwatch_penalty_grad_cosine",
+    "update_share": "penwatch_penalty_update_share",
+    "suggested_weight": "penwatch_penalty_suggested_weight",
 }
+_PAIR = "\x00pair_cosine"
+"""Values key prefix of the pair cosines the sink derives from the Gram matrix."""
 
 
 class Prometheus(Sink):
@@ -360,12 +396,18 @@ class _Latest:
                 values = self._values[pipe] = {}
                 self._plans[pipe], self._seen[pipe] = {}, set()
             values.update(record.values)
+            pairs = _pair_cosines(record)
+            values.update(pairs)
             seen = self._seen[pipe]
             if record.layout not in seen:
                 if len(seen) >= 256:  # keys that change every step: forget, merge again
                     seen.clear()
                 seen.add(record.layout)
                 self._plans[pipe].update(_gauge_plan(record.layout))
+                self._plans[pipe].update(
+                    (key, ("penwatch_penalty_pair_cosine", tuple(key.split("\x00")[2:])))
+                    for key in pairs
+                )
 
     def describe(self) -> list[GaugeMetricFamily]:
         return [GaugeMetricFamily(name, METRICS[name][2]) for name in _LATEST_GAUGES]
@@ -401,6 +443,27 @@ def _gauge_plan(layout: Layout) -> dict[str, tuple[str, tuple[str, ...]]]:
             plan[slot.key] = ("penwatch_penalty_grad_norm", (name, "params"))
         elif slot.scope == "term" and slot.quantity in _TERM_GAUGES:
             plan[slot.key] = (_TERM_GAUGES[slot.quantity], (name,))
+        elif slot.quantity == "group_grad_norm":
+            group = slot.key[len(term_key(name, "param_grad_norm")) + 1 : -1]
+            plan[slot.key] = ("penwatch_penalty_group_grad_norm", (name, group))
+        elif slot.quantity == "dead_fraction":
+            plan[slot.key] = ("penwatch_capture_dead_fraction", (name,))
         elif slot.key == "total":
             plan[slot.key] = ("penwatch_pipeline_value", ())
     return plan
+
+
+def _pair_cosines(record: StepRecord) -> dict[str, float]:
+    """``cos(ĝ_a, ĝ_b)`` for every pair ``a < b`` of terms, from the record's Gram
+    matrix (empty without one); 0 where a gradient is zero."""
+    found = record.gram()
+    if found is None:
+        return {}
+    terms, gram = found
+    out = {}
+    for i, a in enumerate(terms):
+        for j in range(i + 1, len(terms)):
+            denom = math.sqrt(max(gram[i][i], 0.0) * max(gram[j][j], 0.0))
+            cos = gram[i][j] / denom if denom > 0 else 0.0
+            out[f"{_PAIR}\x00{a}\x00{terms[j]}"] = min(max(cos, -1.0), 1.0)
+    return out

@@ -20,7 +20,9 @@ import jax
 import numpy as np
 
 from penwatch.alerts import Alert
+from penwatch.diagnostics import suggested_weight_metrics
 from penwatch.schema import (
+    GRAM,
     LEAF_COUNT_TOTAL,
     LEAF_COUNTS,
     Event,
@@ -169,6 +171,7 @@ class Dispatch:
             raise item.error
         metrics, loss, step = item.payload
         values, reserved, penalties = _host_values(metrics)
+        values.update(_suggestions(values))
         leaf_counts = None
         count = reserved.get(LEAF_COUNT_TOTAL)
         if count is not None:
@@ -284,6 +287,20 @@ def _host_values(
             if number is not None:
                 values[key] = number
     return values, reserved, None
+
+
+def _suggestions(values: dict[str, float]) -> dict[str, float]:
+    """``<penalty>_suggested_weight`` from a diagnostics step's Gram matrix (SPEC §12).
+
+    Advisory: a failure here is logged and leaves the record as it is.
+    """
+    if not any(key.startswith(GRAM) for key in values):
+        return {}
+    try:
+        return suggested_weight_metrics(values)
+    except Exception as exc:
+        logger.warning("penwatch: weight suggestion failed (%s: %s)", type(exc).__name__, exc)
+        return {}
 
 
 def _step(step: Any) -> int:

@@ -24,9 +24,11 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from penwatch import _checks
+from penwatch.schema import capture_key
 
 __all__ = ["build_activity_train_step", "capture", "collect", "collect_activations"]
 
@@ -186,12 +188,39 @@ def build_activity_train_step(
         "max_nonfinite_skips": None,
         "leaf_report": True,
         "nan_capsule": None,
+        "preconditioner": "auto",
     }
     unknown = sorted(set(kwargs) - set(defaults))
     if unknown:
         raise ValueError(f"{fn}: unknown options {unknown}; allowed: {sorted(defaults)}")
     from penwatch.training._step import _make_step
 
+    captured = tuple(name for name in pipe.required_inputs if name != "outputs")
+
+    def dead_fractions(penalty_input: Any) -> dict[str, Any]:
+        return {
+            capture_key(name, "dead_fraction"): dead_fraction(penalty_input[name])
+            for name in captured
+            if hasattr(penalty_input.get(name), "shape")
+        }
+
     return _make_step(
-        fn, apply_fn, loss_fn, pipe, optimizer, forward=forward, **{**defaults, **kwargs}
+        fn,
+        apply_fn,
+        loss_fn,
+        pipe,
+        optimizer,
+        forward=forward,
+        extra_metrics=dead_fractions,
+        **{**defaults, **kwargs},
     )
+
+
+def dead_fraction(x: Any) -> jax.Array:
+    """The fraction of units of an activation ``[batch, ...units]`` that are zero for the
+    whole batch (every example): ``mean_u [∀b: x[b, u] = 0]`` (SPEC §12). A scalar or 1-D
+    activation counts each entry as a unit."""
+    x = jnp.asarray(x)
+    if x.ndim <= 1:
+        return jnp.mean((x == 0).astype(jnp.float32))
+    return jnp.mean(jnp.all(x.reshape(x.shape[0], -1) == 0, axis=0).astype(jnp.float32))

@@ -29,7 +29,11 @@ import numpy as np
 import optax
 
 from penwatch import _checks
-from penwatch.diagnostics import ParamTerm, value_and_grad_with_diagnostics
+from penwatch.diagnostics import (
+    ParamTerm,
+    diagonal_preconditioner,
+    value_and_grad_with_diagnostics,
+)
 from penwatch.diagnostics import elastic_net_term as _elastic_net_term
 from penwatch.diagnostics import l1_term as _l1_term
 from penwatch.diagnostics import l2_term as _l2_term
@@ -70,7 +74,12 @@ in pipeline order, then the parameter terms):
   gradient); ``update_skipped`` (bool) with ``skip_nonfinite=True``;
 * every ``diagnostics_every`` steps: ``<term>_param_grad_norm``, ``<term>_grad_share``,
   ``<term>_grad_cosine`` for ``base`` and every penalty / parameter term (and
-  ``pairwise_cosine`` with ``pairwise=True``);
+  ``pairwise_cosine`` with ``pairwise=True``); the term Gram matrix ``grad_gram[a,b]``
+  of the unweighted gradients, ``<term>_param_grad_norm[<group>]`` per top-level
+  parameter group and, under a diagonally preconditioned optimizer,
+  ``<term>_update_share`` (SPEC §12);
+* activity steps (``build_activity_train_step``): ``<capture>_dead_fraction``, the
+  fraction of a captured activation's units that are zero for the whole batch;
 * ``_leaf_nonfinite`` (not a metric): ``{"params": LeafCounts, "grads": LeafCounts}``,
   each reading as ``{path: (nan_count, inf_count)}`` over one ``int32[n, 2]`` array
   (paths from ``jax.tree_util.keystr``, rows nearest the loss first: the reverse of
@@ -99,8 +108,17 @@ def _make_step(
     max_nonfinite_skips: int | None,
     leaf_report: bool,
     nan_capsule: Any = None,
+    preconditioner: Any = "auto",
+    extra_metrics: Callable[[Any], Mapping[str, Any]] | None = None,
 ) -> tuple[Callable[[Any], TrainState], StepFunction]:
     _checks.check_callable(fn_name, "apply_fn", apply_fn)
+    if not (preconditioner is None or preconditioner == "auto" or callable(preconditioner)):
+        raise _checks.option_error(
+            fn_name,
+            "preconditioner",
+            preconditioner,
+            '"auto", None or a function opt_state -> diagonal pytree',
+        )
     _checks.check_callable(fn_name, "loss_fn", loss_fn)
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise _checks.option_error(
@@ -133,32 +151,66 @@ def _make_step(
     def objective(params: Any, pipe: Any, x: Any, y: Any) -> tuple[jax.Array, Any]:
         preds, penalty_input = forward(params, x)
         base = jnp.mean(loss_fn(preds, y))
+        extra = {} if extra_metrics is None else dict(extra_metrics(penalty_input))
         if pipe is None:
-            return base, (base, Metrics.pack({}))
+            return base, (base, Metrics.pack({}), extra)
         total, pm = pipe.compute(penalty_input, track_grad_norms=track)
-        return base + total, (base, pm)
+        return base + total, (base, pm, extra)
+
+    def precondition(
+        opt_state: Any, params: Any, done: dict[str, Any]
+    ) -> Callable[[Any], Any] | None:
+        """``grads -> P`` from the optimizer state after this step's update, or None.
+
+        The update it runs is kept in ``done["update"]`` for the step to apply: the
+        optimizer runs once per step.
+        """
+        if preconditioner is None:
+            return None
+        read = (
+            functools.partial(diagonal_preconditioner, params=params)
+            if preconditioner == "auto"
+            else preconditioner
+        )
+        if preconditioner == "auto" and read(opt_state) is None:
+            return None  # not a diagonally preconditioned optimizer (decided at trace time)
+
+        def precond(grads: Any) -> Any:
+            done["update"] = optimizer.update(grads, opt_state, params)
+            return read(done["update"][1])
+
+        return precond
 
     orders: dict[Any, tuple[str, ...]] = {}
 
     def step(state: TrainState, batch: Any, with_diag: bool) -> tuple[TrainState, Metrics]:
         x, y = _split_batch(batch)
         params, pipe, terms = state.params, state.pipeline, dict(state.param_terms or {})
-        diag: Mapping[str, Any] = {}
+        diag: Mapping[str, Any] = Metrics.pack({})
+        done: dict[str, Any] = {}  # the optimizer update, when the diagnostics ran it
         if with_diag:
             names = tuple(getattr(pipe, "enabled_names", ())) if pipe is not None else ()
 
             def terms_fn(p: Any) -> Any:
-                _, (base, pm) = objective(p, pipe, x, y)
-                return (base, {n: pm[penalty_key(n, "weighted")] for n in names}), (base, pm)
+                _, aux = objective(p, pipe, x, y)
+                pm = aux[1]
+                return (aux[0], {n: pm[penalty_key(n, "weighted")] for n in names}), aux
 
+            weights = pipe.weights if pipe is not None else {}
             res = value_and_grad_with_diagnostics(
-                terms_fn, params, param_terms=terms, pairwise=pairwise, has_aux=True
+                terms_fn,
+                params,
+                param_terms=terms,
+                pairwise=pairwise,
+                has_aux=True,
+                weights={n: weights[n] for n in names},
+                preconditioner=precondition(state.opt_state, params, done),
             )
-            base, pm = res.aux
+            base, pm, extra = res.aux
             grads, loss = res.grads, res.loss
             diag = res.metrics
         else:
-            (loss, (base, pm)), grads = jax.value_and_grad(objective, has_aux=True)(
+            (loss, (base, pm, extra)), grads = jax.value_and_grad(objective, has_aux=True)(
                 params, pipe, x, y
             )
             for term in terms.values():
@@ -174,7 +226,10 @@ def _make_step(
             term_metrics[penalty_key(name, "weight")] = term.weight
             term_metrics[penalty_key(name, "finite")] = jnp.isfinite(raw)
             total = total + term.weight * raw
-        updates, opt_state = optimizer.update(grads, state.opt_state, params)
+        if "update" in done:
+            updates, opt_state = done["update"]
+        else:
+            updates, opt_state = optimizer.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
         grad_counts = leaf_finite_counts(grads)
         bad = sum((n + i for n, i in grad_counts.values()), jnp.zeros((), jnp.int32))
@@ -183,10 +238,10 @@ def _make_step(
             "loss_finite": jnp.isfinite(loss),
             "grads_finite": bad == 0,
             "grad_norm": optax.tree.norm(grads),
-            **diag,
         }
+        late: dict[str, Any] = {}
         if skip:
-            tail["update_skipped"] = jnp.logical_not(opt_state.last_finite)
+            late["update_skipped"] = jnp.logical_not(opt_state.last_finite)
         if leaf_report:
             # Rows nearest the loss first (the output layer): where a non-finite value
             # enters the backward pass. Read from the traced forward pass (trace time).
@@ -200,18 +255,19 @@ def _make_step(
             param_counts = _ordered(leaf_finite_counts(new_params), order)
             grad_counts = _ordered(grad_counts, order)
             # one [n, 2] array per tree, not two scalar buffers per leaf
-            tail[LEAF_COUNTS] = {
+            late[LEAF_COUNTS] = {
                 "params": LeafCounts.pack(param_counts),
                 "grads": LeafCounts.pack(grad_counts),
             }
             # One scalar the monitor reads first: the per-leaf tree is only read when > 0.
-            tail[LEAF_COUNT_TOTAL] = bad + sum(
+            late[LEAF_COUNT_TOTAL] = bad + sum(
                 (n + i for n, i in param_counts.values()), jnp.zeros((), jnp.int32)
             )
         # The pipeline's buffers are reused whole; penalty order travels as data.
         penalties = (*pm.penalties, *terms)
         head = Metrics.pack({"loss": loss, "base_loss": base})
-        metrics = head.merge(pm, term_metrics, tail, penalties=penalties)
+        # the diagnostics come packed (one column per figure) and are reused whole
+        metrics = head.merge(pm, term_metrics, extra, tail, diag, late, penalties=penalties)
         new_state = TrainState(new_params, opt_state, state.step + 1, pipe, terms)
         return new_state, metrics
 
@@ -291,6 +347,7 @@ def build_train_step(
     max_nonfinite_skips: int | None = None,
     leaf_report: bool = True,
     nan_capsule: str | os.PathLike[str] | CapsuleWriter | None = None,
+    preconditioner: Literal["auto"] | Callable[[Any], Any] | None = "auto",
 ) -> tuple[Callable[..., TrainState], StepFunction]:
     """Build ``(init_fn, step_fn)``: a jitted train step with penalty metrics.
 
@@ -324,6 +381,12 @@ def build_train_step(
         :func:`penwatch.forensics.replay` (SPEC section 13). Host-side only: the
         compiled step is the same with or without it (``step_fn.capsules.flush()``
         waits for pending writes).
+      preconditioner: update-space shares (``<term>_update_share``) on diagnostics
+        steps: ``"auto"`` reads a diagonal preconditioner from the optax state (Adam,
+        AdamW, RMSProp, Adagrad: :func:`penwatch.diagnostics.diagonal_preconditioner`;
+        nothing for other optimizers), a function ``opt_state -> P`` (a pytree shaped
+        like the parameters) for any other, None for none. ``P`` is read from the
+        state after the step's update.
 
     Returns:
       ``(init_fn, step_fn)``: ``init_fn(params) -> TrainState``;
@@ -346,6 +409,7 @@ def build_train_step(
         max_nonfinite_skips=max_nonfinite_skips,
         leaf_report=leaf_report,
         nan_capsule=nan_capsule,
+        preconditioner=preconditioner,
     )
 
 
