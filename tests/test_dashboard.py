@@ -157,7 +157,9 @@ def test_normal_run_every_view(stores, monkeypatch):
     m = _metrics(at)
     assert m["Step"] == "2,499"
     assert float(m["Base loss"]) == pytest.approx(2 * np.exp(-2.499) + 0.1, abs=0.03)
-    assert m["Non-finite values"] == "4" and m["Open alerts"] == "1"
+    # counts of steps and episodes, not of values (the NaN step holds 4 non-finite values)
+    assert m["Non-finite steps"] == "1" and m["Non-finite episodes"] == "1"
+    assert m["Open alerts"] == "1"
     assert m["Penalty share of loss"].endswith("%")
     assert {"p50 device time", "p90 device time", "p99 device time"} <= m.keys()
     charts = _charts(at)
@@ -180,7 +182,12 @@ def test_normal_run_every_view(stores, monkeypatch):
     assert terms.set_index("term").loc["orthogonality", "status"] == "conflicting"
     warnings = " ".join(w.value for w in at.warning)
     assert "**l2** dominates" in warnings and "**orthogonality** conflicts" in warnings
-    assert "first offender **orthogonality**" in at.error[0].value
+    errors = [e.value for e in at.error]
+    assert "first offender **orthogonality**" in " ".join(errors)
+    # the page leads with what needs attention, in words
+    assert errors[0] == "Non-finite values: " + md_escape(
+        "1 non-finite step in 1 episode; the first at step 50."
+    )
     _, (events,) = charts["Non-finite events and alerts"]
     assert set(events["kind"]) == {"nonfinite", "alert"}
     assert "run **demo**" in at.caption[-1].value
@@ -247,7 +254,7 @@ def test_live_store_updates_incrementally(tmp_path, monkeypatch):
         w.add_step(r)
     w.flush()
     at.run()
-    assert _metrics(at)["Step"] == "149" and _metrics(at)["Non-finite values"] == "4"
+    assert _metrics(at)["Step"] == "149" and _metrics(at)["Non-finite steps"] == "1"
     assert cache.last_metric_id > seen  # read from where it left off
     calls = []
     original = store.StoreReader.values

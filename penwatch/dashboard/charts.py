@@ -23,6 +23,10 @@ KIND_COLORS = alt.Scale(
     domain=["nonfinite", "alert", "info"], range=["#e45756", "#f58518", "#72b7b2"]
 )
 HEIGHT = 260
+LEGEND = {"orient": "top", "labelLimit": 0, "columns": 3}
+"""Legends above the chart, every label whole (``labelLimit=0``: no truncation)."""
+AXIS = alt.Axis(labelLimit=0, labelOverlap=False)
+"""A category axis that shows every label whole."""
 
 
 def _clean(df: pd.DataFrame) -> pd.DataFrame:
@@ -44,7 +48,7 @@ def contributions(df: pd.DataFrame, width: int) -> alt.Chart | None:
         .encode(
             x=_step_axis(width),
             y=alt.Y("value:Q", stack="zero", title="weight × penalty (loss units)"),
-            color=alt.Color("penalty:N", title="penalty", legend=alt.Legend(orient="top")),
+            color=alt.Color("penalty:N", title="penalty", legend=alt.Legend(**LEGEND)),
             order=alt.Order("penalty:N"),
             tooltip=["step:Q", "penalty:N", alt.Tooltip("value:Q", format=".4g")],
         )
@@ -53,20 +57,24 @@ def contributions(df: pd.DataFrame, width: int) -> alt.Chart | None:
 
 
 def shares(df: pd.DataFrame) -> alt.Chart | None:
-    """Each penalty's share of the total penalty (latest), as horizontal bars."""
+    """Each penalty's signed share ``w_i / Σ|w_j|`` (latest), as horizontal bars.
+
+    A bonus term (negative weighted value) draws to the left of zero; magnitudes sum to 1.
+    """
     if df.empty:
         return None
+    low = -1 if (df["share"] < 0).any() else 0
     return (
         alt.Chart(_clean(df), title="Share of total penalty (latest)")
         .mark_bar()
         .encode(
             x=alt.X(
                 "share:Q",
-                title="share of total penalty (%)",
+                title="w_i / Σ|w_j| (negative: a bonus)",
                 axis=alt.Axis(format="%"),
-                scale=alt.Scale(domain=[0, 1]),
+                scale=alt.Scale(domain=[low, 1]),
             ),
-            y=alt.Y("penalty:N", sort="-x", title=None),
+            y=alt.Y("penalty:N", sort="-x", title=None, axis=AXIS),
             color=alt.Color("penalty:N", legend=None),
             tooltip=[
                 "penalty:N",
@@ -88,7 +96,7 @@ def losses(df: pd.DataFrame, nonfinite: pd.DataFrame, width: int) -> alt.Chart |
         .encode(
             x=_step_axis(width),
             y=alt.Y("value:Q", title="loss (loss units)"),
-            color=alt.Color("series:N", title=None, legend=alt.Legend(orient="top")),
+            color=alt.Color("series:N", title=None, legend=alt.Legend(**LEGEND)),
             tooltip=["step:Q", "series:N", alt.Tooltip("value:Q", format=".4g")],
         )
     )
@@ -144,9 +152,7 @@ def grads(
         .encode(
             x=_step_axis(width),
             y=alt.Y("value:Q", title=ytitle, scale=scale),
-            color=alt.Color(
-                "term:N", title="term", legend=alt.Legend(orient="top", columns=3, labelLimit=110)
-            ),
+            color=alt.Color("term:N", title="term", legend=alt.Legend(**LEGEND)),
             strokeWidth=alt.condition(alt.datum.emphasis != "ok", alt.value(3.5), alt.value(1.2)),
             strokeDash=alt.condition(
                 alt.datum.term == "base", alt.value([5, 3]), alt.value([1, 0])
@@ -181,9 +187,9 @@ def terms(df: pd.DataFrame) -> alt.Chart | None:
         .mark_bar()
         .encode(
             x=alt.X("grad_share:Q", title="share of the update (⟨g_i, g⟩ / ‖g‖²)"),
-            y=alt.Y("term:N", sort="-x", title=None),
+            y=alt.Y("term:N", sort="-x", title=None, axis=AXIS),
             color=alt.Color(
-                "status:N", scale=STATUS_COLORS, title="status", legend=alt.Legend(orient="top")
+                "status:N", scale=STATUS_COLORS, title="status", legend=alt.Legend(**LEGEND)
             ),
             tooltip=[
                 "term:N",
@@ -216,11 +222,9 @@ def timeline(events: pd.DataFrame, steps: tuple[float, float] | None = None) -> 
             x=alt.X(
                 "step:Q", title="step", scale=alt.Scale(domain=domain) if domain else alt.Undefined
             ),
-            y=alt.Y("name:N", title=None),
-            color=alt.Color(
-                "kind:N", scale=KIND_COLORS, title="kind", legend=alt.Legend(orient="right")
-            ),
-            shape=alt.Shape("severity:N", title="severity"),
+            y=alt.Y("name:N", title=None, axis=AXIS),
+            color=alt.Color("kind:N", scale=KIND_COLORS, title="kind", legend=alt.Legend(**LEGEND)),
+            shape=alt.Shape("severity:N", title="severity", legend=alt.Legend(**LEGEND)),
             tooltip=["step:Q", "kind:N", "name:N", "severity:N", "message:N", "process:Q"],
         )
         .properties(height=max(110, 40 * events["name"].nunique()))
@@ -241,9 +245,59 @@ def durations(df: pd.DataFrame) -> alt.Chart | None:
                 "percentile:N",
                 title=None,
                 sort=["p50", "p90", "p99"],
-                legend=alt.Legend(orient="top"),
+                legend=alt.Legend(**LEGEND),
             ),
             tooltip=["step:Q", "percentile:N", alt.Tooltip("ms:Q", format=".3g")],
+        )
+        .properties(height=HEIGHT)
+    )
+
+
+def compare(df: pd.DataFrame, title: str, ytitle: str, *, log: bool = False) -> alt.Chart | None:
+    """Several runs overlaid: ``step, run, series, value``; colour = run, dash = series.
+
+    Args:
+      df: one row per point; ``series`` names the quantity within a run (a penalty, a
+        percentile, ``base loss``).
+      title: the chart title (fixed text).
+      ytitle: the y-axis title with units.
+      log: a log-scale y axis (non-positive values are dropped).
+    """
+    df = _clean(df).dropna(subset=["value"])
+    if log:
+        df = df[df["value"] > 0]
+    if df.empty:
+        return None
+    scale = alt.Scale(type="log") if log else alt.Scale(zero=False)
+    return (
+        alt.Chart(df, title=title)
+        .mark_line()
+        .encode(
+            x=alt.X("step:Q", title="step"),
+            y=alt.Y("value:Q", title=ytitle, scale=scale),
+            color=alt.Color("run:N", title="run", legend=alt.Legend(**LEGEND)),
+            strokeDash=alt.StrokeDash("series:N", title="series", legend=alt.Legend(**LEGEND)),
+            detail="series:N",
+            tooltip=["run:N", "series:N", "step:Q", alt.Tooltip("value:Q", format=".4g")],
+        )
+        .properties(height=HEIGHT)
+    )
+
+
+def compare_bars(df: pd.DataFrame, title: str, xtitle: str) -> alt.Chart | None:
+    """Latest figures of several runs side by side: ``run, name, value`` (e.g. shares)."""
+    df = _clean(df).dropna(subset=["value"])
+    if df.empty:
+        return None
+    return (
+        alt.Chart(df, title=title)
+        .mark_bar()
+        .encode(
+            x=alt.X("value:Q", title=xtitle, axis=alt.Axis(format="%")),
+            y=alt.Y("name:N", title=None, axis=AXIS),
+            yOffset="run:N",
+            color=alt.Color("run:N", title="run", legend=alt.Legend(**LEGEND)),
+            tooltip=["run:N", "name:N", alt.Tooltip("value:Q", format=".1%")],
         )
         .properties(height=HEIGHT)
     )
