@@ -14,7 +14,7 @@ range queries at about ``max_points`` points (each refresh asks only for the tim
 the previous one), and latest values are ``last_over_time`` of the *finite* samples
 over the lookback (a NaN diagnostics step is a gap, never a latest value). Times map to
 training steps through ``penwatch_step``. Chart values are ``max_over_time`` per
-resolution step, so spikes stay visible.
+resolution step, so spikes stay visible (shares and cosines: the last finite reading).
 
 Non-finite steps come from ``penwatch_nonfinite_total``: an increase between two samples
 means at least one non-finite step in that step range (exact only when the samples are
@@ -245,9 +245,9 @@ class PrometheusSource:
         if wrt == "params":
             for q in ("grad_share", "grad_cosine"):
                 metric = f"penwatch_penalty_{q}{{{sel}}}"
-                # a NaN diagnostics step is a gap, never averaged into its neighbours
-                finite = f"({metric} {_FINITE})"
-                part = frame(f"avg by ({by}) (avg_over_time({finite}[{w}]))", "term", "term")
+                # the last reading per resolution step; a NaN diagnostics step is a gap
+                expr = f"avg by ({by}) (last_over_time({metric}[{w}])) {_FINITE}"
+                part = frame(expr, "term", "term")
                 parts.append(part.assign(quantity=q))
                 latest += [
                     (q, who(m, "penalty"), v) for m, v in self.latest(f"avg by ({by}) ({metric})")
@@ -265,9 +265,10 @@ class PrometheusSource:
             prev_t, prev_v = None, 0.0
             for t, v in sorted(points.items()):
                 if v > prev_v:
-                    hi = at(t)
-                    lo = at(prev_t) + 1 if prev_t is not None else hi
-                    lo = min(lo, hi)
+                    # the new non-finite steps lie after the step seen one sample earlier
+                    # (before the counter existed: after the run's first known step)
+                    hi, before = at(t), at(prev_t if prev_t is not None else t - self.resolution)
+                    lo = min(hi, before + 1 if math.isfinite(before) else at.first)
                     rows.append((lo, hi, v - prev_v, 1.0, hi - lo + 1))
                 prev_t, prev_v = t, v
         if rows:
@@ -349,6 +350,7 @@ class _Steps:
 
     def __init__(self, times: np.ndarray, steps: np.ndarray) -> None:
         self.times, self.steps = times, steps
+        self.first = float(steps.min()) if steps.size else float("nan")
 
     def __call__(self, t: float | None) -> float:
         if t is None or not self.times.size:
