@@ -572,3 +572,46 @@ def test_bad_stale_after_is_a_message_on_the_page(monkeypatch, tmp_path):
     (error,) = at.error
     assert md_escape("PENWATCH_STALE_AFTER") in error.value
     assert md_escape("'<b>soon</b>'") in error.value
+
+
+def test_comparison_of_two_runs_overlays_loss_penalties_shares_durations(stores, monkeypatch):
+    at = _run(monkeypatch, stores["multirun"])
+    picker = at.selectbox(key="penwatch_run")
+    other = "a" if picker.value == "b" else "b"
+    at = at.multiselect(key="penwatch_compare").select(other).run()
+    assert not at.exception, at.exception
+    charts = _charts(at)
+    for title in (
+        "Compared: base loss and total penalty",
+        "Compared: weighted penalties",
+        "Compared: share of total penalty",
+        "Compared: device time per step",
+    ):
+        assert title in charts, (title, list(charts))
+    spec, (data,) = charts["Compared: base loss and total penalty"]
+    assert set(data["run"]) == {"a", "b"} and spec["encoding"]["color"]["field"] == "run"
+    assert any(s.value.startswith("Comparison of") for s in at.subheader)
+    table = at.dataframe[0].value
+    assert list(table["run"]) == [picker.value, other]
+
+
+def test_every_label_is_shown_whole(stores, monkeypatch):
+    at = _run(monkeypatch, stores["normal"])
+    for title, (spec, _) in _charts(at).items():
+        layers = spec.get("layer", [spec])
+        for layer in layers:
+            for channel, enc in layer.get("encoding", {}).items():
+                if channel in ("color", "shape", "strokeDash") and enc.get("legend") is not None:
+                    assert enc["legend"].get("labelLimit") == 0, (title, channel)
+                if channel == "y" and enc.get("type") == "nominal":
+                    assert enc["axis"]["labelLimit"] == 0, title
+                    assert enc["axis"]["labelOverlap"] is False, title
+
+
+def test_an_ended_run_stops_refreshing_and_a_live_one_does_not(status_store, monkeypatch):
+    monkeypatch.setenv("PENWATCH_STALE_AFTER", str(STALE_AFTER))
+    at = _run(monkeypatch, status_store)
+    note = "Not refreshing: the runs shown have ended."
+    assert any(c.value.startswith(note) for c in at.caption)  # the freshest run: stopped
+    at = at.selectbox(key="penwatch_run").select("live-run").run()
+    assert not at.exception and not any(c.value.startswith(note) for c in at.caption)
