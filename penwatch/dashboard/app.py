@@ -50,8 +50,9 @@ def _duration(ms: float) -> str:
     return f"{ms:.3g} ms" if ms < 1000 else f"{ms / 1000:.3g} s"
 
 
+# Steps shown either side of a step the page jumps to (the first non-finite step). A
+# comment, not a docstring: Streamlit's "magic" would draw a bare string on the page.
 FOCUS_STEPS = 200
-"""Steps shown either side of a step the page jumps to (the first non-finite step)."""
 
 
 def _attention(snap: sources.Snapshot) -> None:

@@ -23,10 +23,28 @@ KIND_COLORS = alt.Scale(
     domain=["nonfinite", "alert", "info"], range=["#e45756", "#f58518", "#72b7b2"]
 )
 HEIGHT = 260
-LEGEND = {"orient": "top", "labelLimit": 0, "columns": 3}
-"""Legends above the chart, every label whole (``labelLimit=0``: no truncation)."""
+LEGEND = {"orient": "bottom", "direction": "vertical", "columns": 1, "labelLimit": 0}
+"""Legends below the chart, one entry per line, every label whole (``labelLimit=0``: no
+truncation): a legend grows downwards, never past the chart's width."""
+LEGEND_ROW = 17
+"""Pixels per legend entry (one per line)."""
 AXIS = alt.Axis(labelLimit=0, labelOverlap=False)
 """A category axis that shows every label whole."""
+
+
+FRAME = 90
+"""Pixels of a chart's title and x axis (ticks, labels, axis title)."""
+
+
+def _height(plot: int, *legends: int) -> int:
+    """The chart's height for a plot area of ``plot`` pixels.
+
+    Streamlit fits the whole view into the height (``autosize: fit, contains:
+    padding``): title, axes and legends included. So the title and x axis
+    (:data:`FRAME`) and each legend below the plot (its title and one line per entry)
+    are added to ``plot``; legends below one chart sit side by side, the longest counts.
+    """
+    return plot + FRAME + (40 + LEGEND_ROW * max(legends) if legends else 0)
 
 
 def _clean(df: pd.DataFrame) -> pd.DataFrame:
@@ -52,7 +70,7 @@ def contributions(df: pd.DataFrame, width: int) -> alt.Chart | None:
             order=alt.Order("penalty:N"),
             tooltip=["step:Q", "penalty:N", alt.Tooltip("value:Q", format=".4g")],
         )
-        .properties(height=HEIGHT)
+        .properties(height=_height(HEIGHT, df["penalty"].nunique()))
     )
 
 
@@ -82,7 +100,7 @@ def shares(df: pd.DataFrame) -> alt.Chart | None:
                 alt.Tooltip("weighted:Q", format=".4g", title="weighted value"),
             ],
         )
-        .properties(height=HEIGHT)
+        .properties(height=_height(max(HEIGHT, 24 * df["penalty"].nunique())))
     )
 
 
@@ -101,7 +119,7 @@ def losses(df: pd.DataFrame, nonfinite: pd.DataFrame, width: int) -> alt.Chart |
         )
     )
     if nonfinite.empty:
-        return lines.properties(height=HEIGHT)
+        return lines.properties(height=_height(HEIGHT, df["series"].nunique()))
     rules = (
         alt.Chart(nonfinite)
         .mark_rule(color="#e45756", strokeDash=[4, 2])
@@ -113,7 +131,7 @@ def losses(df: pd.DataFrame, nonfinite: pd.DataFrame, width: int) -> alt.Chart |
             ],
         )
     )
-    return alt.layer(lines, rules).properties(height=HEIGHT)
+    return alt.layer(lines, rules).properties(height=_height(HEIGHT, df["series"].nunique()))
 
 
 _GRAD_TITLES = {
@@ -175,7 +193,7 @@ def grads(
             .mark_rule(color="#999", strokeDash=[2, 2])
             .encode(y="y:Q")
         )
-    return alt.layer(*layers).properties(height=HEIGHT + 80)
+    return alt.layer(*layers).properties(height=_height(HEIGHT, part["term"].nunique()))
 
 
 def terms(df: pd.DataFrame) -> alt.Chart | None:
@@ -199,7 +217,7 @@ def terms(df: pd.DataFrame) -> alt.Chart | None:
                 alt.Tooltip("grad_norm:Q", format=".3g"),
             ],
         )
-        .properties(height=HEIGHT)
+        .properties(height=_height(max(HEIGHT, 24 * len(df)), len(STATUS_COLORS.domain)))
     )
 
 
@@ -227,7 +245,13 @@ def timeline(events: pd.DataFrame, steps: tuple[float, float] | None = None) -> 
             shape=alt.Shape("severity:N", title="severity", legend=alt.Legend(**LEGEND)),
             tooltip=["step:Q", "kind:N", "name:N", "severity:N", "message:N", "process:Q"],
         )
-        .properties(height=max(110, 40 * events["name"].nunique()))
+        .properties(
+            height=_height(
+                max(60, 40 * events["name"].nunique()),
+                len(KIND_COLORS.domain),
+                events["severity"].nunique(),
+            )
+        )
     )
 
 
@@ -249,7 +273,7 @@ def durations(df: pd.DataFrame) -> alt.Chart | None:
             ),
             tooltip=["step:Q", "percentile:N", alt.Tooltip("ms:Q", format=".3g")],
         )
-        .properties(height=HEIGHT)
+        .properties(height=_height(HEIGHT, df["percentile"].nunique()))
     )
 
 
@@ -280,7 +304,7 @@ def compare(df: pd.DataFrame, title: str, ytitle: str, *, log: bool = False) -> 
             detail="series:N",
             tooltip=["run:N", "series:N", "step:Q", alt.Tooltip("value:Q", format=".4g")],
         )
-        .properties(height=HEIGHT)
+        .properties(height=_height(HEIGHT, df["run"].nunique(), df["series"].nunique()))
     )
 
 
@@ -299,5 +323,5 @@ def compare_bars(df: pd.DataFrame, title: str, xtitle: str) -> alt.Chart | None:
             color=alt.Color("run:N", title="run", legend=alt.Legend(**LEGEND)),
             tooltip=["run:N", "name:N", alt.Tooltip("value:Q", format=".1%")],
         )
-        .properties(height=HEIGHT)
+        .properties(height=_height(max(HEIGHT, 12 * len(df)), df["run"].nunique()))
     )
