@@ -166,7 +166,7 @@ def test_live_dashboard_in_chromium(tmp_path):
             "--run",
             "browser-demo",
             "--steps",
-            "5000",
+            "1500",  # about 30 s: live for the first reads, then it finishes
             "--step-delay",
             "0.02",
             "--metrics-port",
@@ -223,11 +223,22 @@ def test_live_dashboard_in_chromium(tmp_path):
                 "Non-finite events and alerts",
             )
             assert "Traceback" not in text
-            page.wait_for_timeout(1500)  # let the charts finish drawing
-            # take the picture between refreshes (no element faded as stale)
-            page.wait_for_function(
-                "() => !document.querySelector('[data-stale=\"true\"]')", timeout=10_000
+            # the run finishes: the page says so once and stops refreshing (the picture
+            # of a finished run is never caught mid-refresh, faded)
+            assert demo.wait(180) == 0, (tmp_path / "demo.log").read_text()[-3000:]
+            _wait_for_text(
+                page,
+                "Not refreshing: the runs shown have ended.",
+                "status finished (not live)",
+                "Run browser-demo finished",
             )
+            deadline = time.monotonic() + 30
+            while _step(page) != 1499:  # the page renders element by element
+                assert time.monotonic() < deadline, _step(page)
+                page.wait_for_timeout(300)
+            page.wait_for_timeout(3000)  # longer than a refresh: nothing changes any more
+            assert _step(page) == 1499
+            assert page.locator("[data-stale='true']").count() == 0
             page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
             browser.close()
         shot = tmp_path / "dashboard.png"
@@ -259,11 +270,18 @@ def _wait_for_text(page, *texts: str, timeout: float = 60) -> str:
         page.wait_for_timeout(300)
 
 
-def _picker_options(page) -> list[str]:
-    """Open the run picker and read its options (plain text), leaving it open."""
-    page.locator("[data-testid='stSelectbox']").first.click()
+def _picker_options(page, widget: str = "stSelectbox") -> list[str]:
+    """Open the run picker (or another drop-down) and read its options, leaving it open."""
     options = page.locator("[role='option']")
-    options.first.wait_for(timeout=10_000)
+    for attempt in range(5):  # a click that lands while the page scrolls may not open it
+        page.locator(f"[data-testid='{widget}']").first.click()
+        try:
+            options.first.wait_for(timeout=3_000)
+            break
+        except Exception:
+            if attempt == 4:
+                raise
+            page.keyboard.press("Escape")
     return options.all_inner_texts()
 
 
@@ -424,9 +442,16 @@ def _svg_texts(page, title: str) -> list[str]:
     axis labels and legend entries that a user can read, not ones clipped away."""
     title_text = page.locator(f"svg text:text-is('{title}')")
     chart = page.locator("[data-testid='stVegaLiteChart']", has=title_text).first
-    chart.scroll_into_view_if_needed()
-    chart.locator("svg text").first.wait_for(timeout=30_000)
-    return chart.evaluate(_VISIBLE_TEXTS)
+    deadline = time.monotonic() + 30
+    while True:  # a live page redraws its charts: read again when one is swapped under us
+        try:
+            chart.scroll_into_view_if_needed(timeout=10_000)
+            chart.locator("svg text").first.wait_for(timeout=10_000)
+            return chart.evaluate(_VISIBLE_TEXTS)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            page.wait_for_timeout(300)
 
 
 def test_a_truthful_page_in_chromium(tmp_path):
@@ -443,7 +468,7 @@ def test_a_truthful_page_in_chromium(tmp_path):
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             page = browser.new_page(viewport={"width": 1500, "height": 3200})
             _open(page, app, port, tmp_path / "app.log")
-            page.locator("[data-testid='stSelectbox']").first.click()
+            _picker_options(page)
             page.locator("[role='option']", has_text="· nan").click()
             first = f"{NAN_STEPS[0]:,}"
             body = _wait_for_text(
@@ -493,7 +518,7 @@ def test_a_truthful_page_in_chromium(tmp_path):
             # the capsule of the NaN episode is shown, as text
             _wait_for_text(page, f"step {NAN_STEPS[0]}: capsule /caps/<b>1950</b>.npz")
             # two runs compared
-            page.locator("[data-testid='stMultiSelect']").first.click()
+            _picker_options(page, "stMultiSelect")
             page.locator("[role='option']", has_text="baseline").click()
             page.keyboard.press("Escape")
             _wait_for_text(page, "Comparison of", BASELINE_RUN)

@@ -361,10 +361,19 @@ def _comparison(snaps: list[sources.Snapshot]) -> None:
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
 
-def _page(source: sources.Source, run: str, process: int | None, compare: list[str], live: bool):
-    """The page body for one run; a live run's body refreshes itself, an ended one's not."""
+def _selected(runs: list[sources.RunChoice]) -> list[str]:
+    """The runs the picker has selected (the run, then those compared), from its state."""
+    names = [r.name for r in runs]
+    run = st.session_state.get("penwatch_run")
+    run = run if run in names else names[0]
+    others = [n for n in st.session_state.get("penwatch_compare", []) if n in names and n != run]
+    return [run, *others]
+
+
+def _page(source: sources.Source, live: bool) -> None:
+    """The picker and the page body; refreshes itself while a selected run is ``live``."""
     try:
-        runs = {r.name: r for r in source.runs()}
+        runs = source.runs()
     except Exception as exc:  # a store mid-write, a network error: say so, retry next tick
         logger.warning("dashboard: reading %s failed: %s", source.label, exc)
         st.warning(
@@ -372,15 +381,23 @@ def _page(source: sources.Source, run: str, process: int | None, compare: list[s
             + "; retrying."
         )
         return
-    choice = runs.get(run)
-    if choice is None:
+    by_name = {r.name: r for r in runs}
+    if not runs or any(by_name[n].live for n in _selected(runs)) != live:
+        # a run ended (stop refreshing) or resumed (refresh again): before any element
         st.rerun(scope="app")
-    if any(runs[n].live for n in (run, *compare) if n in runs) != live:
-        st.rerun(scope="app")  # a run ended (stop refreshing) or resumed (refresh again)
+    choice, process, compare = _pick(runs)
+    if any(by_name[n].live for n in (choice.name, *compare)) != live:
+        st.rerun(scope="app")  # the user picked a run that is (or is not) live
+    if not live:
+        st.caption(
+            "Not refreshing: the runs shown have ended. "
+            "Reload the page or change the selection to look again."
+        )
+    run = choice.name
     _status(choice, process)
     try:
         snap = source.snapshot(run, process)
-        others = [source.snapshot(n, None) for n in compare if n in runs]
+        others = [source.snapshot(n, None) for n in compare]
     except Exception as exc:
         logger.warning("dashboard: snapshot of %r failed: %s", run, exc, exc_info=True)
         st.warning(
@@ -422,7 +439,7 @@ def _wait_for_runs(source: sources.Source) -> None:
 
 
 def main() -> None:
-    """Pick a run, then draw it: refreshing while it is live, once when it has ended."""
+    """Draw the selected runs: refreshing while one of them is live, once when all ended."""
     source = sources.session_source(st.session_state, CONFIG)
     try:
         runs = source.runs()
@@ -431,16 +448,14 @@ def main() -> None:
     if not runs:
         st.fragment(_wait_for_runs, run_every=CONFIG.refresh_seconds)(source)
         return
-    choice, process, compare = _pick(runs)
     by_name = {r.name: r for r in runs}
-    live = any(by_name[n].live for n in (choice.name, *compare))
-    if not live:
-        st.caption(
-            "Not refreshing: the runs shown have ended. "
-            "Reload the page or change the selection to look again."
-        )
-    body = st.fragment(_page, run_every=CONFIG.refresh_seconds if live else None)
-    body(source, choice.name, process, compare, live)
+    if any(by_name[n].live for n in _selected(runs)):
+        st.fragment(_page, run_every=CONFIG.refresh_seconds)(source, True)
+    else:
+        # Not a fragment at all: the browser's timer for the live page's fragment then
+        # names a fragment this run did not register, and Streamlit skips its reruns (a
+        # fragment without run_every would keep the same id, and the old timer).
+        _page(source, False)
 
 
 st.title("penwatch · penalties while you train")
