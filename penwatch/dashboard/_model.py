@@ -18,6 +18,7 @@ penalty share of the loss is ``total / (|base loss| + Σ_j |w_j|)``, which is th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -68,6 +69,11 @@ _TEXT = {
 
 def frame(*columns: str) -> pd.DataFrame:
     """An empty DataFrame with the given columns (text or float, by name)."""
+    return _empty(columns).copy(deep=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _empty(columns: tuple[str, ...]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=object if c in _TEXT else float) for c in columns})
 
 

@@ -219,22 +219,29 @@ def _gather(series: Mapping[int, store.SeriesRow], buckets: Mapping[int, np.ndar
     for sid, s in series.items():
         groups.setdefault((s.pipeline, s.key), []).append(sid)
     out = {}
+    empty = np.zeros(0, store.BUCKET_DTYPE)
     for (pipeline, key), sids in groups.items():
-        b = store.combine([buckets[sid] for sid in sids if sid in buckets])
+        parts = [buckets[sid] for sid in sids if sid in buckets]
+        b = parts[0] if len(parts) == 1 else store.combine(parts) if parts else empty
         out[(pipeline, key)] = (series[sids[0]], b)
     return out
 
 
 def _long(parts: list[tuple[dict[str, str], np.ndarray]], width: int) -> pd.DataFrame | None:
-    """Long DataFrame of envelope points, one block of columns per labelled series."""
-    frames = []
-    for labels, b in parts:
+    """Long DataFrame of envelope points, one block of rows per labelled series."""
+    if not parts:
+        return None
+    xs, ys = [], []
+    for _, b in parts:
         x, y = store.envelope(b, width)
-        part = pd.DataFrame({"step": x, "value": y})
-        for k, v in labels.items():
-            part[k] = v
-        frames.append(part)
-    return pd.concat(frames, ignore_index=True) if frames else None
+        xs.append(x)
+        ys.append(y)
+    sizes = [x.size for x in xs]
+    columns: dict[str, Any] = {"step": np.concatenate(xs), "value": np.concatenate(ys)}
+    for label in parts[0][0]:
+        names = np.array([labels[label] for labels, _ in parts], dtype=object)
+        columns[label] = np.repeat(names, sizes)
+    return pd.DataFrame(columns)
 
 
 def _last_mean(b: np.ndarray) -> float:
@@ -404,7 +411,7 @@ def _durations(steps: Mapping[str, np.ndarray]) -> tuple[pd.DataFrame, dict[str,
     chunk = max(1, ms.size // 40)
     rows = []
     for i in range(0, ms.size, chunk):
-        part = ms[i : i + chunk]
         end = float(step[min(i + chunk, ms.size) - 1])
-        rows += [(end, f"p{q}", float(np.percentile(part, q))) for q in (50, 90, 99)]
+        p50, p90, p99 = np.percentile(ms[i : i + chunk], (50, 90, 99))
+        rows += [(end, "p50", float(p50)), (end, "p90", float(p90)), (end, "p99", float(p99))]
     return pd.DataFrame(rows, columns=["step", "percentile", "ms"]), summary
