@@ -141,3 +141,22 @@ def test_tug_of_war_collapse_and_stall_are_named():
     ]
     derive(snap, stale_after=60.0, now=1000.0 + 5.0)
     assert "stalled" not in [a.what for a in snap.attention]
+
+
+def test_sources_import_the_model_never_each_other():
+    """One way: sources.py imports both sources; they import _model/_runs/_errors only."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "penwatch" / "dashboard"
+    allowed = {"_model", "_runs", "_errors", "_text"}
+    for name in ("prom_source", "_sqlite_source", "_model"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        used = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "penwatch.dashboard"
+            ):
+                module = node.module.removeprefix("penwatch.dashboard").lstrip(".")
+                used |= {module} if module else {a.name for a in node.names}
+        assert used <= allowed, (name, used - allowed)
