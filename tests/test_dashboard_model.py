@@ -141,6 +141,10 @@ def test_tug_of_war_collapse_and_stall_are_named():
     ]
     derive(snap, stale_after=60.0, now=1000.0 + 5.0)
     assert "stalled" not in [a.what for a in snap.attention]
+    # the heartbeat is fresh but no step came for 45 s: the training loop stalled
+    snap.headline.updated_at, snap.headline.last_step_at = 1040.0, 1000.0
+    derive(snap, stale_after=60.0, now=1000.0 + 45.0)
+    assert snap.attention[-1].what == "stalled"
 
 
 def test_sources_import_the_model_never_each_other():

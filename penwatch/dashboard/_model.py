@@ -90,6 +90,8 @@ class Headline:
       open_alerts: those still open (:data:`OPEN_ALERT_STEPS`).
       status: the run's status (``running`` is live).
       updated_at: the latest heartbeat (Unix time).
+      last_step_at: when the latest step was recorded (Unix time; a stalled training
+        loop keeps its heartbeat but records no step).
     """
 
     step: int | None = None
@@ -100,6 +102,7 @@ class Headline:
     open_alerts: int = 0
     status: str = "unknown"
     updated_at: float | None = None
+    last_step_at: float | None = None
 
     @property
     def live(self) -> bool:
@@ -153,6 +156,8 @@ class Snapshot:
       nonfinite_buckets: ``step, step_hi, count, bad_min, bad_max`` — step ranges that
         held non-finite values, with the number of non-finite steps in each (between
         ``bad_min`` and ``bad_max``; equal when known exactly).
+      nonfinite_located: False when the source only locates non-finite steps
+        approximately (Prometheus: by scrapes), so no count is exact.
       grads: ``step, term, quantity, value`` — gradient norms/shares/cosines per term.
       grad_wrt: ``"params"`` (SPEC §4 terms), ``"input"`` (§3 norms) or None.
       latest: ``group, name, value`` — the last finite reading of each penalty's
@@ -186,6 +191,7 @@ class Snapshot:
     nonfinite_buckets: pd.DataFrame = dataclasses.field(
         default_factory=lambda: frame("step", "step_hi", "count", "bad_min", "bad_max")
     )
+    nonfinite_located: bool = True
     grads: pd.DataFrame = dataclasses.field(
         default_factory=lambda: frame("step", "term", "quantity", "value")
     )
@@ -289,6 +295,7 @@ def _terms(snap: Snapshot) -> pd.DataFrame:
                 "status": status,
             }
         )
+    rows.sort(key=lambda row: row["term"])  # the same order whichever source read them
     return pd.DataFrame(rows, columns=["term", "grad_norm", "grad_share", "grad_cosine", "status"])
 
 
@@ -298,6 +305,7 @@ def _nonfinite(snap: Snapshot) -> NonFiniteSummary:
     if b.empty and nf_events.empty:
         return NonFiniteSummary()
     exact = bool((b["bad_min"] == b["bad_max"]).all()) if len(b) else False
+    exact = exact and snap.nonfinite_located
     steps = int(b["bad_min"].sum()) if len(b) else 0
     steps_max = int(b["bad_max"].sum()) if len(b) else 0
     # an episode: consecutive non-finite steps (a bucket range touching the previous one)
@@ -389,8 +397,9 @@ def _attention(snap: Snapshot, *, stale_after: float | None, now: float | None) 
         detail = "tug of war with the task loss" if what == "tug_of_war" else "activity collapse"
         out.append(Attention("warning", what, subject, f"{detail} since step {int(e.step):,}."))
     h = snap.headline
-    if h.live and stale_after is not None and h.updated_at is not None:
-        idle = (time.time() if now is None else now) - h.updated_at
+    last = h.last_step_at if h.last_step_at is not None else h.updated_at
+    if h.live and stale_after is not None and last is not None:
+        idle = (time.time() if now is None else now) - last
         if idle > stale_after / 2:
             out.append(
                 Attention(

@@ -396,6 +396,7 @@ def _headline_from_steps(h: _model.Headline, steps: Mapping[str, np.ndarray]) ->
         return None if np.all(np.isnan(v)) else float(np.nanmean(v))
 
     h.loss, h.total = avg("loss"), avg("total")
+    h.last_step_at = float(np.nanmax(steps["wall_time"][last]))
 
 
 def _durations(steps: Mapping[str, np.ndarray]) -> tuple[pd.DataFrame, dict[str, float]]:

@@ -17,9 +17,11 @@ training steps through ``penwatch_step``. Chart values are ``max_over_time`` per
 resolution step, so spikes stay visible (shares and cosines: the last finite reading).
 
 Non-finite steps come from ``penwatch_nonfinite_total``: an increase between two samples
-means at least one non-finite step in that step range (exact only when the samples are
-one step apart); episodes and alerts come from ``penwatch_alerts_total`` (the NonFinite
-alert counts once per episode). Derived figures are computed by
+means at least one non-finite step in that step range (after the step seen two samples
+earlier, up to the step seen with the increase). This is located by scrapes, so it is
+approximate: the step gauge and the counter need not reach the same scrape. Episodes
+and alerts come from ``penwatch_alerts_total`` (the NonFinite alert counts once per
+episode). Derived figures are computed by
 :func:`penwatch.dashboard._model.derive`, as for the SQLite store.
 
 Prometheus keeps no run status: a run whose last step is older than ``stale_after``
@@ -259,15 +261,19 @@ class PrometheusSource:
         return latest
 
     def _nonfinite(self, snap: Snapshot, sel: str, w: str, at: _Steps) -> None:
+        snap.nonfinite_located = False  # by scrapes: approximate
         rows = []
         expr = f"sum(max_over_time(penwatch_nonfinite_total{{{sel}}}[{w}]))"
         for points in self.range(expr).values():
             prev_t, prev_v = None, 0.0
             for t, v in sorted(points.items()):
                 if v > prev_v:
-                    # the new non-finite steps lie after the step seen one sample earlier
-                    # (before the counter existed: after the run's first known step)
-                    hi, before = at(t), at(prev_t if prev_t is not None else t - self.resolution)
+                    # the new non-finite steps lie after the step seen two samples
+                    # earlier (one sample of slack: the step gauge and the counter of
+                    # one record need not reach the same scrape), or from the run's
+                    # first known step when there was no such sample
+                    earlier = (prev_t if prev_t is not None else t) - self.resolution
+                    hi, before = at(t), at(earlier)
                     lo = min(hi, before + 1 if math.isfinite(before) else at.first)
                     rows.append((lo, hi, v - prev_v, 1.0, hi - lo + 1))
                 prev_t, prev_v = t, v
@@ -342,6 +348,7 @@ class PrometheusSource:
         h.loss = one(f"avg(penwatch_loss{{{sel}}})")
         h.total = one(f"sum(avg by (pipeline) (penwatch_pipeline_value{{{sel}}}))")
         h.updated_at = one(f"max(penwatch_last_step_timestamp_seconds{{{sel}}})")
+        h.last_step_at = h.updated_at
         h.status = choice.status if choice else "unknown"
 
 
