@@ -1,13 +1,17 @@
-"""Dashboard refresh time on a 200,000-step store (bar: about 1 s per refresh).
+"""Dashboard refresh time on a 10^6-step store (SPEC §9: cold ≤ 2 s, live ≤ 0.2 s).
 
-The store is written through the SQLite sink's writer with full synthetic records (four
-penalties with input-gradient norms, gradient diagnostics for five terms: 43 rows per
-step, 8.6 million metric rows). Measured:
+The store is written through the store's writer with the store's synthetic records
+(``penwatch.store._synthetic``: four penalties with input-gradient norms, gradient
+diagnostics for five terms, a NaN episode and a loss spike). Measured:
 
-* ``cold``: a new browser session's first refresh (a fresh source reads the rollups);
-* ``live``: one refresh of an open session after 100 new steps were written;
+* ``cold``: a new browser session's first refresh (a fresh source reads the rollups and
+  derives every figure) — bar ≤ 2 s;
+* ``live``: one refresh of an open session after 100 new steps were written — bar ≤ 0.2 s;
 * ``app``: one full Streamlit script run (AppTest) of an open session — reading, building
-  every chart and rendering the page — which is what the browser waits for.
+  every chart and rendering the page — which is what the browser waits for (reported).
+
+``PENWATCH_BENCH_DASHBOARD_STEPS`` sets another run length (a quick check at a small
+size; the bars hold for the full 10^6 steps).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import time
 
 from benchmarks._harness import Report, time_call
 
-STEPS = 200_000
+STEPS = int(os.environ.get("PENWATCH_BENCH_DASHBOARD_STEPS", 1_000_000))
 
 
 def _store(path: pathlib.Path) -> None:
@@ -29,7 +33,7 @@ def _store(path: pathlib.Path) -> None:
 
     w = StoreWriter(path, batch_size=4096, flush_interval=1e9)
     w.open_run(RunInfo("long", 0, "bench", "cpu", 1, time.time()))
-    for r in synthetic_run("long", STEPS, nan_at=(1000,), spike_at=(123_457,)):
+    for r in synthetic_run("long", STEPS, nan_at=(1000, 1001), spike_at=(STEPS // 2 + 7,)):
         w.add_step(r)
     w.close()
 
@@ -52,7 +56,11 @@ def run(report: Report) -> None:
 
         cold = time_call(lambda: SQLiteSource(path).snapshot("long", None), repeats=5, warmup=1)
         report.add(
-            "dashboard cold refresh, 200k steps", cold, unit="s", bar="<= 1 s", passed=cold <= 1.0
+            f"dashboard cold refresh, {STEPS:,} steps",
+            cold,
+            unit="s",
+            bar="<= 2 s",
+            passed=cold <= 2.0,
         )
 
         source = SQLiteSource(path)
@@ -77,8 +85,8 @@ def run(report: Report) -> None:
             "dashboard live refresh (+100 steps)",
             samples[len(samples) // 2],
             unit="s",
-            bar="<= 1 s",
-            passed=samples[len(samples) // 2] <= 1.0,
+            bar="<= 0.2 s",
+            passed=samples[len(samples) // 2] <= 0.2,
         )
 
         os.environ["PENWATCH_DB"] = str(path)
@@ -86,7 +94,5 @@ def run(report: Report) -> None:
         at = AppTest.from_file(str(app), default_timeout=120).run()
         assert not at.exception, at.exception
         full = time_call(lambda: at.run(), repeats=5, warmup=1)
-        report.add(
-            "dashboard page refresh (AppTest)", full, unit="s", bar="<= 1 s", passed=full <= 1.0
-        )
+        report.add("dashboard page refresh (AppTest, reported)", full, unit="s")
         writer.close()

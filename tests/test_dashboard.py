@@ -157,7 +157,9 @@ def test_normal_run_every_view(stores, monkeypatch):
     m = _metrics(at)
     assert m["Step"] == "2,499"
     assert float(m["Base loss"]) == pytest.approx(2 * np.exp(-2.499) + 0.1, abs=0.03)
-    assert m["Non-finite values"] == "4" and m["Open alerts"] == "1"
+    # counts of steps and episodes, not of values (the NaN step holds 4 non-finite values)
+    assert m["Non-finite steps"] == "1" and m["Non-finite episodes"] == "1"
+    assert m["Open alerts"] == "1"
     assert m["Penalty share of loss"].endswith("%")
     assert {"p50 device time", "p90 device time", "p99 device time"} <= m.keys()
     charts = _charts(at)
@@ -180,7 +182,12 @@ def test_normal_run_every_view(stores, monkeypatch):
     assert terms.set_index("term").loc["orthogonality", "status"] == "conflicting"
     warnings = " ".join(w.value for w in at.warning)
     assert "**l2** dominates" in warnings and "**orthogonality** conflicts" in warnings
-    assert "first offender **orthogonality**" in at.error[0].value
+    errors = [e.value for e in at.error]
+    assert "first offender **orthogonality**" in " ".join(errors)
+    # the page leads with what needs attention, in words
+    assert errors[0] == "Non-finite values: " + md_escape(
+        "1 non-finite step in 1 episode; the first at step 50."
+    )
     _, (events,) = charts["Non-finite events and alerts"]
     assert set(events["kind"]) == {"nonfinite", "alert"}
     assert "run **demo**" in at.caption[-1].value
@@ -247,7 +254,7 @@ def test_live_store_updates_incrementally(tmp_path, monkeypatch):
         w.add_step(r)
     w.flush()
     at.run()
-    assert _metrics(at)["Step"] == "149" and _metrics(at)["Non-finite values"] == "4"
+    assert _metrics(at)["Step"] == "149" and _metrics(at)["Non-finite steps"] == "1"
     assert cache.last_metric_id > seen  # read from where it left off
     calls = []
     original = store.StoreReader.values
@@ -565,3 +572,46 @@ def test_bad_stale_after_is_a_message_on_the_page(monkeypatch, tmp_path):
     (error,) = at.error
     assert md_escape("PENWATCH_STALE_AFTER") in error.value
     assert md_escape("'<b>soon</b>'") in error.value
+
+
+def test_comparison_of_two_runs_overlays_loss_penalties_shares_durations(stores, monkeypatch):
+    at = _run(monkeypatch, stores["multirun"])
+    picker = at.selectbox(key="penwatch_run")
+    other = "a" if picker.value == "b" else "b"
+    at = at.multiselect(key="penwatch_compare").select(other).run()
+    assert not at.exception, at.exception
+    charts = _charts(at)
+    for title in (
+        "Compared: base loss and total penalty",
+        "Compared: weighted penalties",
+        "Compared: share of total penalty",
+        "Compared: device time per step",
+    ):
+        assert title in charts, (title, list(charts))
+    spec, (data,) = charts["Compared: base loss and total penalty"]
+    assert set(data["run"]) == {"a", "b"} and spec["encoding"]["color"]["field"] == "run"
+    assert any(s.value.startswith("Comparison of") for s in at.subheader)
+    table = at.dataframe[0].value
+    assert list(table["run"]) == [picker.value, other]
+
+
+def test_every_label_is_shown_whole(stores, monkeypatch):
+    at = _run(monkeypatch, stores["normal"])
+    for title, (spec, _) in _charts(at).items():
+        layers = spec.get("layer", [spec])
+        for layer in layers:
+            for channel, enc in layer.get("encoding", {}).items():
+                if channel in ("color", "shape", "strokeDash") and enc.get("legend") is not None:
+                    assert enc["legend"].get("labelLimit") == 0, (title, channel)
+                if channel == "y" and enc.get("type") == "nominal":
+                    assert enc["axis"]["labelLimit"] == 0, title
+                    assert enc["axis"]["labelOverlap"] is False, title
+
+
+def test_an_ended_run_stops_refreshing_and_a_live_one_does_not(status_store, monkeypatch):
+    monkeypatch.setenv("PENWATCH_STALE_AFTER", str(STALE_AFTER))
+    at = _run(monkeypatch, status_store)
+    note = "Not refreshing: the runs shown have ended."
+    assert any(c.value.startswith(note) for c in at.caption)  # the freshest run: stopped
+    at = at.selectbox(key="penwatch_run").select("live-run").run()
+    assert not at.exception and not any(c.value.startswith(note) for c in at.caption)

@@ -166,7 +166,7 @@ def test_live_dashboard_in_chromium(tmp_path):
             "--run",
             "browser-demo",
             "--steps",
-            "5000",
+            "1500",  # about 30 s: live for the first reads, then it finishes
             "--step-delay",
             "0.02",
             "--metrics-port",
@@ -193,13 +193,14 @@ def test_live_dashboard_in_chromium(tmp_path):
                 "Base loss",
                 "Total penalty",
                 "Penalty share of loss",
-                "Non-finite values",
+                "Non-finite steps",
+                "Non-finite episodes",
                 "Open alerts",
             ]
             deadline = time.monotonic() + 60
             while True:  # the page renders progressively: wait for the whole headline
                 labels = page.locator("[data-testid='stMetricLabel']").all_inner_texts()
-                if labels[:6] == headline:
+                if labels[:7] == headline:
                     break
                 assert time.monotonic() < deadline, labels
                 page.wait_for_timeout(300)
@@ -222,11 +223,22 @@ def test_live_dashboard_in_chromium(tmp_path):
                 "Non-finite events and alerts",
             )
             assert "Traceback" not in text
-            page.wait_for_timeout(1500)  # let the charts finish drawing
-            # take the picture between refreshes (no element faded as stale)
-            page.wait_for_function(
-                "() => !document.querySelector('[data-stale=\"true\"]')", timeout=10_000
+            # the run finishes: the page says so once and stops refreshing (the picture
+            # of a finished run is never caught mid-refresh, faded)
+            assert demo.wait(180) == 0, (tmp_path / "demo.log").read_text()[-3000:]
+            _wait_for_text(
+                page,
+                "Not refreshing: the runs shown have ended.",
+                "status finished (not live)",
+                "Run browser-demo finished",
             )
+            deadline = time.monotonic() + 30
+            while _step(page) != 1499:  # the page renders element by element
+                assert time.monotonic() < deadline, _step(page)
+                page.wait_for_timeout(300)
+            page.wait_for_timeout(3000)  # longer than a refresh: nothing changes any more
+            assert _step(page) == 1499
+            assert page.locator("[data-stale='true']").count() == 0
             page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
             browser.close()
         shot = tmp_path / "dashboard.png"
@@ -258,11 +270,18 @@ def _wait_for_text(page, *texts: str, timeout: float = 60) -> str:
         page.wait_for_timeout(300)
 
 
-def _picker_options(page) -> list[str]:
-    """Open the run picker and read its options (plain text), leaving it open."""
-    page.locator("[data-testid='stSelectbox']").first.click()
+def _picker_options(page, widget: str = "stSelectbox") -> list[str]:
+    """Open the run picker (or another drop-down) and read its options, leaving it open."""
     options = page.locator("[role='option']")
-    options.first.wait_for(timeout=10_000)
+    for attempt in range(5):  # a click that lands while the page scrolls may not open it
+        page.locator(f"[data-testid='{widget}']").first.click()
+        try:
+            options.first.wait_for(timeout=3_000)
+            break
+        except Exception:
+            if attempt == 4:
+                raise
+            page.keyboard.press("Escape")
     return options.all_inner_texts()
 
 
@@ -334,6 +353,186 @@ def test_statuses_and_user_text_in_chromium(tmp_path):
             page.screenshot(path=str(tmp_path / "statuses.png"), full_page=True)
             browser.close()
         print(f"statuses and user text checked; screenshot {tmp_path / 'statuses.png'}")
+    finally:
+        _stop(app)
+        log.close()
+
+
+TRUTH_RUN = f"{HOSTILE_RUN} · nan"
+BASELINE_RUN = "baseline <b>w=0</b>"
+NAN_STEPS = (1950, 1951, 1952)
+
+
+def write_truth_store(path: pathlib.Path) -> dict[str, str]:
+    """A run with a NaN episode, a dominating term and hostile names, and a second run.
+
+    Returns the run's term labels (``pipeline/term``: two pipelines) by term.
+    """
+    from penwatch import store
+    from penwatch.schema import Event, RunInfo
+    from penwatch.store._synthetic import synthetic_record
+
+    now = time.time()
+    w = store.StoreWriter(path, batch_size=5000, flush_interval=1e9)
+    for run in (BASELINE_RUN, TRUTH_RUN):
+        w.open_run(RunInfo(run, 0, "1.0", "cpu", 1, now - 300))
+    pipelines = ((HOSTILE_PIPELINE, (HOSTILE_PENALTY, "orthogonality")), ("default", ("l2",)))
+    for step in range(1900, 2100):
+        wall = now - 300 + (step - 1900)
+        w.add_step(synthetic_record(BASELINE_RUN, step, penalties=("l2",), wall_time=wall))
+        for pipeline, penalties in pipelines:
+            w.add_step(
+                synthetic_record(
+                    TRUTH_RUN,
+                    step,
+                    pipeline=pipeline,
+                    penalties=penalties,
+                    wall_time=wall,
+                    nan=step in NAN_STEPS and pipeline == "default",
+                )
+            )
+    w.add_event(
+        Event(
+            TRUTH_RUN,
+            0,
+            NAN_STEPS[0],
+            now - 250,
+            "nonfinite",
+            "NonFinite",
+            HOSTILE_MESSAGE,
+            severity="critical",
+            attributes={"penalty": "l2", "capsule": "/caps/<b>1950</b>.npz"},
+        )
+    )
+    w.add_event(
+        Event(
+            TRUTH_RUN,
+            0,
+            2020,
+            now - 180,
+            "alert",
+            "GradientDominance",
+            "default/l2 dominates",
+            attributes={"penalty": "default/l2"},
+        )
+    )
+    w.close()
+    return {
+        term: f"{pipeline}/{term}"
+        for pipeline, penalties in pipelines
+        for term in ("base", *penalties)
+    }
+
+
+_VISIBLE_TEXTS = """(chart) => {
+    const svg = chart.querySelector("svg");
+    const box = chart.getBoundingClientRect(), own = svg.getBoundingClientRect();
+    const left = Math.max(box.left, own.left), right = Math.min(box.right, own.right);
+    const top = Math.max(box.top, own.top), bottom = Math.min(box.bottom, own.bottom);
+    return [...svg.querySelectorAll("text")].filter((t) => {
+        const b = t.getBoundingClientRect();
+        return b.width > 0 && b.left >= left - 1 && b.right <= right + 1
+            && b.top >= top - 1 && b.bottom <= bottom + 1;
+    }).map((t) => t.textContent);
+}"""
+
+
+def _svg_texts(page, title: str) -> list[str]:
+    """The texts Vega drew (SVG) *inside the visible box* of the chart titled ``title``:
+    axis labels and legend entries that a user can read, not ones clipped away."""
+    title_text = page.locator(f"svg text:text-is('{title}')")
+    chart = page.locator("[data-testid='stVegaLiteChart']", has=title_text).first
+    deadline = time.monotonic() + 30
+    while True:  # a live page redraws its charts: read again when one is swapped under us
+        try:
+            chart.scroll_into_view_if_needed(timeout=10_000)
+            chart.locator("svg text").first.wait_for(timeout=10_000)
+            return chart.evaluate(_VISIBLE_TEXTS)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            page.wait_for_timeout(300)
+
+
+def test_a_truthful_page_in_chromium(tmp_path):
+    """NaN episode, dominance, hostile names: every label, the first non-finite step, text
+    as text, and two runs compared — read from the page Chromium rendered."""
+    sync_playwright = _require_browser()
+    db = tmp_path / "truth.db"
+    labels = write_truth_store(db)
+    env = dict(os.environ, PENWATCH_DB=str(db), PENWATCH_REFRESH_SECONDS="2")
+    log = open(tmp_path / "app.log", "w")  # noqa: SIM115
+    app, port = _start_app(env, log)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1500, "height": 3200})
+            _open(page, app, port, tmp_path / "app.log")
+            _picker_options(page)
+            page.locator("[role='option']", has_text="· nan").click()
+            first = f"{NAN_STEPS[0]:,}"
+            body = _wait_for_text(
+                page,
+                "Needs attention",
+                f"Non-finite values: 3 non-finite steps in 1 episode; the first at step {first}.",
+                f"Dominance: {labels['l2']} dominates the gradient",
+                f"First non-finite step: {first}",
+                f"run {TRUTH_RUN} · all processes",
+                "Dominance: gradients per term",
+            )
+            # the page leads with what needs attention, in words, before the numbers and charts
+            assert body.index("Needs attention") < body.index("Non-finite values: ")
+            assert body.index("Non-finite values: ") < body.index("Base loss")
+            assert body.index("Base loss") < body.index("Dominance: gradients per term")
+            # text is text: names and messages shown as typed, nothing made from them
+            main = page.locator("[data-testid='stMain']")
+            for selector in ("b", "i", "script", "a[href^='http']", ".katex"):
+                assert main.locator(selector).count() == 0, selector
+            # every term's label is drawn whole, on the bars and in the legends
+            wanted = set(labels.values())
+            bars = _svg_texts(page, "Latest gradient share per term")
+            assert wanted <= set(bars), (wanted - set(bars), bars)
+            legend = _svg_texts(page, "Gradient norm per term (log scale)")
+            assert wanted <= set(legend), (wanted - set(legend), legend)
+            shares = _svg_texts(page, "Share of total penalty (latest)")
+            penalties = {labels[HOSTILE_PENALTY], labels["orthogonality"], labels["l2"]}
+            assert penalties <= set(shares), (penalties - set(shares), shares)
+            assert not [t for t in bars + legend + shares if t.endswith("…")]
+            page.screenshot(path=str(tmp_path / "truth.png"), full_page=True)
+            durations = _svg_texts(page, "Device time per step, percentiles (recent steps)")
+            assert {"p50", "p90", "p99"} <= set(durations), durations
+            timeline = _svg_texts(page, "Non-finite events and alerts")
+            assert {"NonFinite", "GradientDominance", "critical", "warning"} <= set(timeline)
+            # counts of steps and episodes, and the jump to the first non-finite step
+            metrics = dict(
+                zip(
+                    page.locator("[data-testid='stMetricLabel']").all_inner_texts(),
+                    page.locator("[data-testid='stMetricValue']").all_inner_texts(),
+                    strict=False,
+                )
+            )
+            assert metrics["Non-finite steps"] == "3", metrics
+            assert metrics["Non-finite episodes"] == "1", metrics
+            page.get_by_role("button", name=f"Jump to step {first}").click()
+            _wait_for_text(page, f"Charts show steps 1,750–2,150 around step {first}.")
+            # the capsule of the NaN episode is shown, as text
+            _wait_for_text(page, f"step {NAN_STEPS[0]}: capsule /caps/<b>1950</b>.npz")
+            # two runs compared
+            _picker_options(page, "stMultiSelect")
+            page.locator("[role='option']", has_text="baseline").click()
+            page.keyboard.press("Escape")
+            _wait_for_text(page, "Comparison of", BASELINE_RUN)
+            compared = _svg_texts(page, "Compared: base loss and total penalty")
+            assert {TRUTH_RUN, BASELINE_RUN, "base loss", "total penalty"} <= set(compared)
+            for title in (
+                "Compared: weighted penalties",
+                "Compared: share of total penalty",
+                "Compared: device time per step",
+            ):
+                assert _svg_texts(page, title)
+            page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
+            browser.close()
+        print(f"truthful page checked; screenshots {tmp_path / 'truth.png'}, compare.png")
     finally:
         _stop(app)
         log.close()

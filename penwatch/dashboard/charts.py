@@ -23,6 +23,28 @@ KIND_COLORS = alt.Scale(
     domain=["nonfinite", "alert", "info"], range=["#e45756", "#f58518", "#72b7b2"]
 )
 HEIGHT = 260
+LEGEND = {"orient": "bottom", "direction": "vertical", "columns": 1, "labelLimit": 0}
+"""Legends below the chart, one entry per line, every label whole (``labelLimit=0``: no
+truncation): a legend grows downwards, never past the chart's width."""
+LEGEND_ROW = 17
+"""Pixels per legend entry (one per line)."""
+AXIS = alt.Axis(labelLimit=0, labelOverlap=False)
+"""A category axis that shows every label whole."""
+
+
+FRAME = 90
+"""Pixels of a chart's title and x axis (ticks, labels, axis title)."""
+
+
+def _height(plot: int, *legends: int) -> int:
+    """The chart's height for a plot area of ``plot`` pixels.
+
+    Streamlit fits the whole view into the height (``autosize: fit, contains:
+    padding``): title, axes and legends included. So the title and x axis
+    (:data:`FRAME`) and each legend below the plot (its title and one line per entry)
+    are added to ``plot``; legends below one chart sit side by side, the longest counts.
+    """
+    return plot + FRAME + (40 + LEGEND_ROW * max(legends) if legends else 0)
 
 
 def _clean(df: pd.DataFrame) -> pd.DataFrame:
@@ -44,29 +66,33 @@ def contributions(df: pd.DataFrame, width: int) -> alt.Chart | None:
         .encode(
             x=_step_axis(width),
             y=alt.Y("value:Q", stack="zero", title="weight × penalty (loss units)"),
-            color=alt.Color("penalty:N", title="penalty", legend=alt.Legend(orient="top")),
+            color=alt.Color("penalty:N", title="penalty", legend=alt.Legend(**LEGEND)),
             order=alt.Order("penalty:N"),
             tooltip=["step:Q", "penalty:N", alt.Tooltip("value:Q", format=".4g")],
         )
-        .properties(height=HEIGHT)
+        .properties(height=_height(HEIGHT, df["penalty"].nunique()))
     )
 
 
 def shares(df: pd.DataFrame) -> alt.Chart | None:
-    """Each penalty's share of the total penalty (latest), as horizontal bars."""
+    """Each penalty's signed share ``w_i / Σ|w_j|`` (latest), as horizontal bars.
+
+    A bonus term (negative weighted value) draws to the left of zero; magnitudes sum to 1.
+    """
     if df.empty:
         return None
+    low = -1 if (df["share"] < 0).any() else 0
     return (
         alt.Chart(_clean(df), title="Share of total penalty (latest)")
         .mark_bar()
         .encode(
             x=alt.X(
                 "share:Q",
-                title="share of total penalty (%)",
+                title="w_i / Σ|w_j| (negative: a bonus)",
                 axis=alt.Axis(format="%"),
-                scale=alt.Scale(domain=[0, 1]),
+                scale=alt.Scale(domain=[low, 1]),
             ),
-            y=alt.Y("penalty:N", sort="-x", title=None),
+            y=alt.Y("penalty:N", sort="-x", title=None, axis=AXIS),
             color=alt.Color("penalty:N", legend=None),
             tooltip=[
                 "penalty:N",
@@ -74,7 +100,7 @@ def shares(df: pd.DataFrame) -> alt.Chart | None:
                 alt.Tooltip("weighted:Q", format=".4g", title="weighted value"),
             ],
         )
-        .properties(height=HEIGHT)
+        .properties(height=_height(max(HEIGHT, 24 * df["penalty"].nunique())))
     )
 
 
@@ -88,12 +114,12 @@ def losses(df: pd.DataFrame, nonfinite: pd.DataFrame, width: int) -> alt.Chart |
         .encode(
             x=_step_axis(width),
             y=alt.Y("value:Q", title="loss (loss units)"),
-            color=alt.Color("series:N", title=None, legend=alt.Legend(orient="top")),
+            color=alt.Color("series:N", title=None, legend=alt.Legend(**LEGEND)),
             tooltip=["step:Q", "series:N", alt.Tooltip("value:Q", format=".4g")],
         )
     )
     if nonfinite.empty:
-        return lines.properties(height=HEIGHT)
+        return lines.properties(height=_height(HEIGHT, df["series"].nunique()))
     rules = (
         alt.Chart(nonfinite)
         .mark_rule(color="#e45756", strokeDash=[4, 2])
@@ -105,7 +131,7 @@ def losses(df: pd.DataFrame, nonfinite: pd.DataFrame, width: int) -> alt.Chart |
             ],
         )
     )
-    return alt.layer(lines, rules).properties(height=HEIGHT)
+    return alt.layer(lines, rules).properties(height=_height(HEIGHT, df["series"].nunique()))
 
 
 _GRAD_TITLES = {
@@ -144,9 +170,7 @@ def grads(
         .encode(
             x=_step_axis(width),
             y=alt.Y("value:Q", title=ytitle, scale=scale),
-            color=alt.Color(
-                "term:N", title="term", legend=alt.Legend(orient="top", columns=3, labelLimit=110)
-            ),
+            color=alt.Color("term:N", title="term", legend=alt.Legend(**LEGEND)),
             strokeWidth=alt.condition(alt.datum.emphasis != "ok", alt.value(3.5), alt.value(1.2)),
             strokeDash=alt.condition(
                 alt.datum.term == "base", alt.value([5, 3]), alt.value([1, 0])
@@ -169,7 +193,7 @@ def grads(
             .mark_rule(color="#999", strokeDash=[2, 2])
             .encode(y="y:Q")
         )
-    return alt.layer(*layers).properties(height=HEIGHT + 80)
+    return alt.layer(*layers).properties(height=_height(HEIGHT, part["term"].nunique()))
 
 
 def terms(df: pd.DataFrame) -> alt.Chart | None:
@@ -181,9 +205,9 @@ def terms(df: pd.DataFrame) -> alt.Chart | None:
         .mark_bar()
         .encode(
             x=alt.X("grad_share:Q", title="share of the update (⟨g_i, g⟩ / ‖g‖²)"),
-            y=alt.Y("term:N", sort="-x", title=None),
+            y=alt.Y("term:N", sort="-x", title=None, axis=AXIS),
             color=alt.Color(
-                "status:N", scale=STATUS_COLORS, title="status", legend=alt.Legend(orient="top")
+                "status:N", scale=STATUS_COLORS, title="status", legend=alt.Legend(**LEGEND)
             ),
             tooltip=[
                 "term:N",
@@ -193,7 +217,7 @@ def terms(df: pd.DataFrame) -> alt.Chart | None:
                 alt.Tooltip("grad_norm:Q", format=".3g"),
             ],
         )
-        .properties(height=HEIGHT)
+        .properties(height=_height(max(HEIGHT, 24 * len(df)), len(STATUS_COLORS.domain)))
     )
 
 
@@ -216,14 +240,18 @@ def timeline(events: pd.DataFrame, steps: tuple[float, float] | None = None) -> 
             x=alt.X(
                 "step:Q", title="step", scale=alt.Scale(domain=domain) if domain else alt.Undefined
             ),
-            y=alt.Y("name:N", title=None),
-            color=alt.Color(
-                "kind:N", scale=KIND_COLORS, title="kind", legend=alt.Legend(orient="right")
-            ),
-            shape=alt.Shape("severity:N", title="severity"),
+            y=alt.Y("name:N", title=None, axis=AXIS),
+            color=alt.Color("kind:N", scale=KIND_COLORS, title="kind", legend=alt.Legend(**LEGEND)),
+            shape=alt.Shape("severity:N", title="severity", legend=alt.Legend(**LEGEND)),
             tooltip=["step:Q", "kind:N", "name:N", "severity:N", "message:N", "process:Q"],
         )
-        .properties(height=max(110, 40 * events["name"].nunique()))
+        .properties(
+            height=_height(
+                max(60, 40 * events["name"].nunique()),
+                len(KIND_COLORS.domain),
+                events["severity"].nunique(),
+            )
+        )
     )
 
 
@@ -241,9 +269,59 @@ def durations(df: pd.DataFrame) -> alt.Chart | None:
                 "percentile:N",
                 title=None,
                 sort=["p50", "p90", "p99"],
-                legend=alt.Legend(orient="top"),
+                legend=alt.Legend(**LEGEND),
             ),
             tooltip=["step:Q", "percentile:N", alt.Tooltip("ms:Q", format=".3g")],
         )
-        .properties(height=HEIGHT)
+        .properties(height=_height(HEIGHT, df["percentile"].nunique()))
+    )
+
+
+def compare(df: pd.DataFrame, title: str, ytitle: str, *, log: bool = False) -> alt.Chart | None:
+    """Several runs overlaid: ``step, run, series, value``; colour = run, dash = series.
+
+    Args:
+      df: one row per point; ``series`` names the quantity within a run (a penalty, a
+        percentile, ``base loss``).
+      title: the chart title (fixed text).
+      ytitle: the y-axis title with units.
+      log: a log-scale y axis (non-positive values are dropped).
+    """
+    df = _clean(df).dropna(subset=["value"])
+    if log:
+        df = df[df["value"] > 0]
+    if df.empty:
+        return None
+    scale = alt.Scale(type="log") if log else alt.Scale(zero=False)
+    return (
+        alt.Chart(df, title=title)
+        .mark_line()
+        .encode(
+            x=alt.X("step:Q", title="step"),
+            y=alt.Y("value:Q", title=ytitle, scale=scale),
+            color=alt.Color("run:N", title="run", legend=alt.Legend(**LEGEND)),
+            strokeDash=alt.StrokeDash("series:N", title="series", legend=alt.Legend(**LEGEND)),
+            detail="series:N",
+            tooltip=["run:N", "series:N", "step:Q", alt.Tooltip("value:Q", format=".4g")],
+        )
+        .properties(height=_height(HEIGHT, df["run"].nunique(), df["series"].nunique()))
+    )
+
+
+def compare_bars(df: pd.DataFrame, title: str, xtitle: str) -> alt.Chart | None:
+    """Latest figures of several runs side by side: ``run, name, value`` (e.g. shares)."""
+    df = _clean(df).dropna(subset=["value"])
+    if df.empty:
+        return None
+    return (
+        alt.Chart(df, title=title)
+        .mark_bar()
+        .encode(
+            x=alt.X("value:Q", title=xtitle, axis=alt.Axis(format="%")),
+            y=alt.Y("name:N", title=None, axis=AXIS),
+            yOffset="run:N",
+            color=alt.Color("run:N", title="run", legend=alt.Legend(**LEGEND)),
+            tooltip=["run:N", "name:N", alt.Tooltip("value:Q", format=".1%")],
+        )
+        .properties(height=_height(max(HEIGHT, 12 * len(df)), df["run"].nunique()))
     )

@@ -5,12 +5,24 @@ Uses the SPEC §6 metric names (``penwatch_step``, ``penwatch_loss``,
 ``penwatch_penalty_grad_norm`` / ``_grad_share`` / ``_grad_cosine``,
 ``penwatch_nonfinite_total``, ``penwatch_alerts_total``,
 ``penwatch_pipeline_compute_duration_seconds_bucket``, ``penwatch_last_step_timestamp_seconds``)
-with labels ``run``, ``process``, ``pipeline``, ``penalty``. Range queries cover the last
-``lookback`` seconds at a resolution of about ``max_points`` points; each refresh asks
-only for the time since the previous one. Times are mapped to training steps through
-``penwatch_step``. Spikes stay visible: values are ``max_over_time`` per resolution step
-(shares and cosines ``avg_over_time``). Open alerts are Prometheus's own firing
-``ALERTS`` for the run (from the ``deploy/`` rules), when there are any.
+with labels ``run``, ``process``, ``pipeline``, ``penalty``.
+
+Everything is read over the **lookback** (default one hour), so a run that ended minutes
+ago — whose series Prometheus already calls stale, so an instant query no longer sees
+them — is still listed and drawn: runs are listed from a range query, charts come from
+range queries at about ``max_points`` points (each refresh asks only for the time since
+the previous one), and latest values are ``last_over_time`` of the *finite* samples
+over the lookback (a NaN diagnostics step is a gap, never a latest value). Times map to
+training steps through ``penwatch_step``. Chart values are ``max_over_time`` per
+resolution step, so spikes stay visible (shares and cosines: the last finite reading).
+
+Non-finite steps come from ``penwatch_nonfinite_total``: an increase between two samples
+means at least one non-finite step in that step range (after the step seen two samples
+earlier, up to the step seen with the increase). This is located by scrapes, so it is
+approximate: the step gauge and the counter need not reach the same scrape. Episodes
+and alerts come from ``penwatch_alerts_total`` (the NonFinite alert counts once per
+episode). Derived figures are computed by
+:func:`penwatch.dashboard._model.derive`, as for the SQLite store.
 
 Prometheus keeps no run status: a run whose last step is older than ``stale_after``
 seconds is ``idle`` (finished, stopped or crashed: Prometheus cannot tell), otherwise
@@ -30,15 +42,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from penwatch.dashboard import _snapshot
+from penwatch.dashboard import _model
 from penwatch.dashboard._errors import SourceUnavailable
+from penwatch.dashboard._model import Snapshot
 from penwatch.dashboard._runs import RunChoice
-from penwatch.dashboard._snapshot import Snapshot
-from penwatch.schema import thresholds
+from penwatch.schema import BASE_TERM, thresholds
 
 __all__ = ["PrometheusSource"]
 
 Series = dict[tuple[tuple[str, str], ...], dict[float, float]]
+
+_FINITE = "> -Inf < +Inf"
+"""PromQL comparison filters that drop NaN and ±Inf samples."""
+
+_NONFINITE_ALERT = "NonFinite"
+"""The ``alert`` label of non-finite episodes in ``penwatch_alerts_total``."""
 
 
 class PrometheusSource:
@@ -46,7 +64,7 @@ class PrometheusSource:
 
     Args:
       url: base URL of the Prometheus server, e.g. ``http://127.0.0.1:9090``.
-      lookback: seconds of history drawn.
+      lookback: seconds of history listed and drawn.
       max_points: about how many points per series.
       timeout: HTTP timeout in seconds.
       stale_after: seconds without a recorded step after which a run reads as ``idle``.
@@ -82,10 +100,15 @@ class PrometheusSource:
         return body["data"]["result"]
 
     def instant(self, expr: str) -> list[tuple[dict[str, str], float]]:
-        """``(labels, value)`` of an instant query."""
+        """``(labels, value)`` of an instant query (now)."""
         return [
             (r["metric"], float(r["value"][1])) for r in self._api("/api/v1/query", {"query": expr})
         ]
+
+    def latest(self, expr: str) -> list[tuple[dict[str, str], float]]:
+        """The last finite sample of ``expr`` within the lookback, per series."""
+        window = f"{int(self.lookback)}s:{self.resolution}s"
+        return self.instant(f"last_over_time(({expr} {_FINITE})[{window}])")
 
     def range(self, expr: str) -> Series:
         """``{labels: {time: value}}`` over the lookback, fetching only what is new."""
@@ -111,19 +134,31 @@ class PrometheusSource:
     # --- Source interface -------------------------------------------------------------
 
     def runs(self) -> list[RunChoice]:
-        steps = self.instant("max by (run, process) (penwatch_step)")
-        stamps = {
-            (m.get("run"), m.get("process")): v
-            for m, v in self.instant("max by (run, process) (penwatch_last_step_timestamp_seconds)")
-        }
+        """Every run with a recorded step in the lookback, most recently updated first."""
+        w = f"{self.resolution}s"
+        steps = self.range(f"max by (run, process) (max_over_time(penwatch_step[{w}]))")
+        stamps = self.range(
+            f"max by (run, process) (max_over_time(penwatch_last_step_timestamp_seconds[{w}]))"
+        )
+
+        def last(series: Series) -> dict[tuple[str, str], float]:
+            out = {}
+            for key, points in series.items():
+                labels = dict(key)
+                if points:
+                    out[(labels.get("run", ""), labels.get("process", "0"))] = points[max(points)]
+            return out
+
+        last_step, last_stamp = last(steps), last(stamps)
         by: dict[str, list[tuple[int, float, float]]] = {}
-        for m, v in steps:
-            key = (m.get("run", ""), m.get("process", "0"))
-            by.setdefault(key[0], []).append((int(key[1] or 0), v, stamps.get(key, 0.0)))
+        for (run, process), step in last_step.items():
+            stamp = last_stamp.get((run, process), 0.0)
+            by.setdefault(run, []).append((int(process or 0), step, stamp))
         out = []
+        now = time.time()
         for name, rows in by.items():
             updated = max(r[2] for r in rows)
-            status = "running" if time.time() - updated <= self.stale_after else "idle"
+            status = "running" if now - updated <= self.stale_after else "idle"
             out.append(
                 RunChoice(
                     name,
@@ -136,63 +171,55 @@ class PrometheusSource:
         return sorted(out, key=lambda c: -c.updated_at)
 
     def snapshot(self, run: str, process: int | None) -> Snapshot:
+        """Everything the views draw for ``run`` (``process=None``: all processes)."""
         sel = f'run="{_esc(run)}"' + ("" if process is None else f',process="{process}"')
         w = f"{self.resolution}s"
-        runs = self.runs()
-        choice = next((r for r in runs if r.name == run), None)
+        choice = next((r for r in self.runs() if r.name == run), None)
         snap = Snapshot(
             run=run, process=process, width=1, processes=choice.processes if choice else ()
         )
         times, steps = self._step_map(f"max(max_over_time(penwatch_step{{{sel}}}[{w}]))")
+        if times.size:
+            # Prometheus samples at its scrape times: one point per resolution step
+            snap.width = max(1, int(np.ceil(np.nanmax(np.diff(steps), initial=1))))
+        at = _Steps(times, steps)
+        by = "pipeline, penalty"
+        weighted = f"avg by ({by}) (penwatch_penalty_weighted_value{{{sel}}})"
+        multi = len({m.get("pipeline") for m, _ in self.latest(weighted)}) > 1
 
-        def frame(expr: str, label: str | None, name: str) -> pd.DataFrame:
+        def who(labels: dict[str, str], label: str) -> str:
+            name = labels.get(label, "")
+            return f"{labels.get('pipeline')}/{name}" if multi else name
+
+        def frame(expr: str, column: str | None, name: str) -> pd.DataFrame:
             rows = []
             for key, points in self.range(expr).items():
                 labels = dict(key)
-                who = labels.get(label, name) if label else name
-                if (
-                    label == "penalty"
-                    and len({dict(k).get("pipeline") for k in self._ranges[expr][1]}) > 1
-                ):
-                    who = f"{labels.get('pipeline')}/{who}"
-                for t, v in sorted(points.items()):
-                    rows.append((_at(times, steps, t), who, v))
-            df = pd.DataFrame(rows, columns=["step", name, "value"])
+                label = who(labels, "penalty") if column else name
+                rows += [(at(t), label, v) for t, v in sorted(points.items())]
+            df = pd.DataFrame(rows, columns=["step", column or "series", "value"])
             return df.dropna(subset=["step"]).replace([np.inf, -np.inf], np.nan)
 
-        by = "pipeline, penalty"
         snap.contributions = frame(
             f"avg by ({by}) (max_over_time(penwatch_penalty_weighted_value{{{sel}}}[{w}]))",
             "penalty",
             "penalty",
         )
-        loss = frame(f"avg(max_over_time(penwatch_loss{{{sel}}}[{w}]))", None, "series")
+        loss = frame(f"avg(max_over_time(penwatch_loss{{{sel}}}[{w}]))", None, "base loss")
         total = frame(
             f"sum(avg by (pipeline) (max_over_time(penwatch_pipeline_value{{{sel}}}[{w}])))",
             None,
-            "series",
+            "total penalty",
         )
-        snap.losses = pd.concat(
-            [loss.assign(series="base loss"), total.assign(series="total penalty")],
-            ignore_index=True,
-        )
-        latest = self.instant(f"avg by ({by}) (penwatch_penalty_weighted_value{{{sel}}})")
-        if latest:
-            tot = sum(abs(v) for _, v in latest if math.isfinite(v))
-            snap.shares = pd.DataFrame(
-                {
-                    "penalty": [m.get("penalty", "") for m, _ in latest],
-                    "weighted": [v for _, v in latest],
-                    "share": [
-                        abs(v) / tot if tot > 0 and math.isfinite(v) else np.nan for _, v in latest
-                    ],
-                }
-            )
-        self._grads(snap, sel, w, times, steps, frame)
-        self._events(snap, sel, times, steps)
-        self._durations(snap, sel, times, steps)
-        self._headline(snap, sel, run, choice)
-        return snap
+        snap.losses = pd.concat([loss, total], ignore_index=True)
+        latest = [("weighted", who(m, "penalty"), v) for m, v in self.latest(weighted)]
+        latest += self._grads(snap, sel, w, frame, who)
+        snap.latest = pd.DataFrame(latest, columns=["group", "name", "value"])
+        self._nonfinite(snap, sel, w, at)
+        self._events(snap, sel, w, at)
+        self._durations(snap, sel, at)
+        self._headline(snap, sel, choice)
+        return _model.derive(snap, stale_after=self.stale_after)
 
     # --- pieces -----------------------------------------------------------------------
 
@@ -203,126 +230,142 @@ class PrometheusSource:
         t = np.array(sorted(points))
         return t, np.array([points[x] for x in t])
 
-    def _grads(self, snap: Snapshot, sel: str, w: str, times, steps, frame) -> None:
+    def _grads(self, snap: Snapshot, sel: str, w: str, frame, who) -> list:
         by = "pipeline, penalty"
         for wrt in ("params", "input"):
-            norms = frame(
-                f"avg by ({by}) (max_over_time(penwatch_penalty_grad_norm{{{sel},"
-                f'wrt="{wrt}"}}[{w}]))',
-                "penalty",
-                "term",
-            )
+            base = f'penwatch_penalty_grad_norm{{{sel},wrt="{wrt}"}}'
+            norms = frame(f"avg by ({by}) (max_over_time({base}[{w}]))", "term", "term")
             if len(norms):
                 break
         if not len(norms):
-            return
+            return []
         snap.grad_wrt = wrt
         parts = [norms.assign(quantity="grad_norm")]
+        latest = [
+            ("grad_norm", who(m, "penalty"), v) for m, v in self.latest(f"avg by ({by}) ({base})")
+        ]
         if wrt == "params":
             for q in ("grad_share", "grad_cosine"):
-                parts.append(
-                    frame(
-                        f"avg by ({by}) (avg_over_time(penwatch_penalty_{q}{{{sel}}}[{w}]))",
-                        "penalty",
-                        "term",
-                    ).assign(quantity=q)
-                )
+                metric = f"penwatch_penalty_{q}{{{sel}}}"
+                # the last reading per resolution step; a NaN diagnostics step is a gap
+                expr = f"avg by ({by}) (last_over_time({metric}[{w}])) {_FINITE}"
+                part = frame(expr, "term", "term")
+                parts.append(part.assign(quantity=q))
+                latest += [
+                    (q, who(m, "penalty"), v) for m, v in self.latest(f"avg by ({by}) ({metric})")
+                ]
         snap.grads = pd.concat(parts, ignore_index=True)[["step", "term", "quantity", "value"]]
-        rows = []
-        last = snap.grads.sort_values("step").groupby(["term", "quantity"])["value"].last()
-        for term in sorted({t for t, _ in last.index}):
-            q = {k: last.get((term, k), np.nan) for k in ("grad_norm", "grad_share", "grad_cosine")}
-            status = "ok"
-            if term != "base" and q["grad_share"] > _snapshot.DOMINANCE_THRESHOLD:
-                status = "dominating"
-            elif term != "base" and q["grad_cosine"] < _snapshot.CONFLICT_COSINE:
-                status = "conflicting"
-            rows.append({"term": term, **q, "status": status})
-        snap.terms = pd.DataFrame(rows, columns=list(snap.terms.columns))
+        snap.base_terms = frozenset(
+            t for t in snap.grads["term"].unique() if t.split("/")[-1] == BASE_TERM
+        )
+        return latest
 
-    def _events(self, snap: Snapshot, sel: str, times, steps) -> None:
+    def _nonfinite(self, snap: Snapshot, sel: str, w: str, at: _Steps) -> None:
+        snap.nonfinite_located = False  # by scrapes: approximate
         rows = []
-        for expr, kind, label in (
-            (
-                f"sum by (source, kind, process) (penwatch_nonfinite_total{{{sel}}})",
-                "nonfinite",
-                "source",
-            ),
-            (f"sum by (alert, process) (penwatch_alerts_total{{{sel}}})", "alert", "alert"),
-        ):
-            for key, points in self.range(expr).items():
-                labels = dict(key)
-                prev = 0.0
-                for t, v in sorted(points.items()):
-                    if v > prev:
-                        step = _at(times, steps, t)
-                        rows.append(
-                            {
-                                "step": step,
-                                "wall_time": t,
-                                "kind": kind,
-                                "name": labels.get(label, kind),
-                                "severity": "critical" if kind == "nonfinite" else "warning",
-                                "message": f"{labels.get(label, kind)}: +{v - prev:g} "
-                                f"({labels.get('kind', 'fired')})",
-                                "process": int(labels.get("process", 0) or 0),
-                            }
-                        )
-                    prev = v
+        expr = f"sum(max_over_time(penwatch_nonfinite_total{{{sel}}}[{w}]))"
+        for points in self.range(expr).values():
+            prev_t, prev_v = None, 0.0
+            for t, v in sorted(points.items()):
+                if v > prev_v:
+                    # the new non-finite steps lie after the step seen two samples
+                    # earlier (one sample of slack: the step gauge and the counter of
+                    # one record need not reach the same scrape), or from the run's
+                    # first known step when there was no such sample
+                    earlier = (prev_t if prev_t is not None else t) - self.resolution
+                    hi, before = at(t), at(earlier)
+                    lo = min(hi, before + 1 if math.isfinite(before) else at.first)
+                    rows.append((lo, hi, v - prev_v, 1.0, hi - lo + 1))
+                prev_t, prev_v = t, v
+        if rows:
+            snap.nonfinite_buckets = pd.DataFrame(
+                rows, columns=["step", "step_hi", "count", "bad_min", "bad_max"]
+            ).dropna()
+
+    def _events(self, snap: Snapshot, sel: str, w: str, at: _Steps) -> None:
+        rows = []
+        expr = f"sum by (alert, process) (max_over_time(penwatch_alerts_total{{{sel}}}[{w}]))"
+        for key, points in self.range(expr).items():
+            labels = dict(key)
+            name = labels.get("alert", "alert")
+            kind = "nonfinite" if name == _NONFINITE_ALERT else "alert"
+            prev = 0.0
+            for t, v in sorted(points.items()):
+                if v > prev:
+                    rows.append(
+                        {
+                            "step": at(t),
+                            "wall_time": t,
+                            "kind": kind,
+                            "name": name,
+                            "severity": "critical" if kind == "nonfinite" else "warning",
+                            "message": f"{name} fired ({v - prev:g}× by this scrape)",
+                            "process": int(labels.get("process", 0) or 0),
+                            "penalty": None,
+                            "capsule": None,
+                            "replay": None,
+                        }
+                    )
+                prev = v
         if rows:
             snap.events = pd.DataFrame(rows, columns=list(snap.events.columns)).dropna(
                 subset=["step"]
             )
 
-    def _durations(self, snap: Snapshot, sel: str, times, steps) -> None:
+    def _durations(self, snap: Snapshot, sel: str, at: _Steps) -> None:
         window = f"{max(4 * self.resolution, 60)}s"
         parts = []
+        buckets = f"penwatch_pipeline_compute_duration_seconds_bucket{{{sel}}}"
         for q in (50, 90, 99):
-            expr = (
-                f"histogram_quantile({q / 100}, sum by (le) (rate("
-                f"penwatch_pipeline_compute_duration_seconds_bucket{{{sel}}}[{window}])))"
-            )
+            expr = f"histogram_quantile({q / 100}, sum by (le) (rate({buckets}[{window}])))"
             for points in self.range(expr).values():
-                for t, v in sorted(points.items()):
-                    if math.isfinite(v):
-                        parts.append((_at(times, steps, t), f"p{q}", v * 1e3))
-            now = self.instant(expr)
-            if now and math.isfinite(now[0][1]):
-                snap.duration_summary[f"p{q}"] = now[0][1] * 1e3
-        if len(snap.duration_summary) == 3:
-            snap.duration_summary["steps"] = float(len(times))
+                parts += [
+                    (at(t), f"p{q}", v * 1e3) for t, v in sorted(points.items()) if math.isfinite(v)
+                ]
+        whole = f"{int(self.lookback)}s"
+        for q in (50, 90, 99):
+            expr = f"histogram_quantile({q / 100}, sum by (le) (increase({buckets}[{whole}])))"
+            value = self.instant(expr)
+            if value and math.isfinite(value[0][1]):
+                snap.duration_summary[f"p{q}"] = value[0][1] * 1e3
+        count = self.instant(
+            f"sum(increase(penwatch_pipeline_compute_duration_seconds_count{{{sel}}}[{whole}]))"
+        )
+        if len(snap.duration_summary) == 3 and count:
+            snap.duration_summary["steps"] = float(round(count[0][1]))
         else:
             snap.duration_summary = {}
         snap.durations = pd.DataFrame(parts, columns=["step", "percentile", "ms"]).dropna()
 
-    def _headline(self, snap: Snapshot, sel: str, run: str, choice: RunChoice | None) -> None:
+    def _headline(self, snap: Snapshot, sel: str, choice: RunChoice | None) -> None:
         def one(expr: str) -> float | None:
-            r = self.instant(expr)
-            return r[0][1] if r and math.isfinite(r[0][1]) else None
+            r = self.latest(expr)
+            return r[0][1] if r else None
 
         h = snap.headline
         step = one(f"max(penwatch_step{{{sel}}})")
         h.step = None if step is None else int(step)
         h.loss = one(f"avg(penwatch_loss{{{sel}}})")
         h.total = one(f"sum(avg by (pipeline) (penwatch_pipeline_value{{{sel}}}))")
-        if h.loss is not None and h.total is not None:
-            denom = abs(h.loss) + abs(h.total)
-            h.penalty_share = abs(h.total) / denom if denom > 0 else None
-        h.nonfinite = int(one(f"sum(penwatch_nonfinite_total{{{sel}}})") or 0)
-        h.alerts = int(one(f"sum(penwatch_alerts_total{{{sel}}})") or 0)
-        h.open_alerts = int(one(f'count(ALERTS{{alertstate="firing",run="{_esc(run)}"}})') or 0)
         h.updated_at = one(f"max(penwatch_last_step_timestamp_seconds{{{sel}}})")
+        h.last_step_at = h.updated_at
         h.status = choice.status if choice else "unknown"
+
+
+class _Steps:
+    """The training step at a time: the last ``penwatch_step`` sample at or before it."""
+
+    def __init__(self, times: np.ndarray, steps: np.ndarray) -> None:
+        self.times, self.steps = times, steps
+        self.first = float(steps.min()) if steps.size else float("nan")
+
+    def __call__(self, t: float | None) -> float:
+        if t is None or not self.times.size:
+            return float("nan")
+        i = int(np.searchsorted(self.times, t, side="right")) - 1
+        return float(self.steps[i]) if i >= 0 else float("nan")
 
 
 def _esc(value: str) -> str:
     """A PromQL string literal body."""
     return value.replace("\\", "\\\\").replace('"', '\\"')
-
-
-def _at(times: np.ndarray, steps: np.ndarray, t: float) -> float:
-    """The training step at time ``t`` (the last ``penwatch_step`` sample at or before it)."""
-    if not times.size:
-        return float("nan")
-    i = int(np.searchsorted(times, t, side="right")) - 1
-    return float(steps[max(i, 0)]) if i >= 0 or t >= times[0] - 1e-9 else float("nan")
