@@ -51,9 +51,7 @@ def wheel(tmp_path_factory) -> pathlib.Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     for package in ("penwatch", "dashboard"):  # dashboard/ installs as penwatch.dashboard
-        shutil.copytree(
-            ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__")
-        )
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     dist = tmp_path_factory.mktemp("dist")
     _run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(dist), str(src)],
