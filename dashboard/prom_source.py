@@ -107,7 +107,9 @@ class PrometheusSource:
 
     def latest(self, expr: str) -> list[tuple[dict[str, str], float]]:
         """The last finite sample of ``expr`` within the lookback, per series."""
-        window = f"{int(self.lookback)}s:{self.resolution}s"
+        # a one-second subquery grid: a coarser one can step over all of a short run's
+        # samples (its last point precedes them, and staleness markers follow them)
+        window = f"{int(self.lookback)}s:1s"
         return self.instant(f"last_over_time(({expr} {_FINITE})[{window}])")
 
     def range(self, expr: str) -> Series:
@@ -134,22 +136,24 @@ class PrometheusSource:
     # --- Source interface -------------------------------------------------------------
 
     def runs(self) -> list[RunChoice]:
-        """Every run with a recorded step in the lookback, most recently updated first."""
-        w = f"{self.resolution}s"
-        steps = self.range(f"max by (run, process) (max_over_time(penwatch_step[{w}]))")
-        stamps = self.range(
-            f"max by (run, process) (max_over_time(penwatch_last_step_timestamp_seconds[{w}]))"
-        )
+        """Every run with a recorded step in the lookback, most recently updated first.
 
-        def last(series: Series) -> dict[tuple[str, str], float]:
-            out = {}
-            for key, points in series.items():
-                labels = dict(key)
-                if points:
-                    out[(labels.get("run", ""), labels.get("process", "0"))] = points[max(points)]
-            return out
+        Raw range vectors (``last_over_time(x[lookback])``): they hold every sample of the
+        lookback whatever the resolution grid, and skip the staleness markers written
+        when a trainer stops, so a run that lasted less than one resolution step, or
+        ended an hour ago, is listed.
+        """
+        window = f"{int(self.lookback)}s"
 
-        last_step, last_stamp = last(steps), last(stamps)
+        def last(metric: str) -> dict[tuple[str, str], float]:
+            expr = f"max by (run, process) (last_over_time({metric}[{window}]))"
+            return {
+                (labels.get("run", ""), labels.get("process", "0")): value
+                for labels, value in self.instant(expr)
+            }
+
+        last_step = last("penwatch_step")
+        last_stamp = last("penwatch_last_step_timestamp_seconds")
         by: dict[str, list[tuple[int, float, float]]] = {}
         for (run, process), step in last_step.items():
             stamp = last_stamp.get((run, process), 0.0)
@@ -342,12 +346,16 @@ class PrometheusSource:
             r = self.latest(expr)
             return r[0][1] if r else None
 
+        def raw(metric: str) -> float | None:  # the last sample, off the grid (see runs)
+            r = self.instant(f"max(last_over_time({metric}{{{sel}}}[{int(self.lookback)}s]))")
+            return r[0][1] if r else None
+
         h = snap.headline
-        step = one(f"max(penwatch_step{{{sel}}})")
+        step = raw("penwatch_step")
         h.step = None if step is None else int(step)
         h.loss = one(f"avg(penwatch_loss{{{sel}}})")
         h.total = one(f"sum(avg by (pipeline) (penwatch_pipeline_value{{{sel}}}))")
-        h.updated_at = one(f"max(penwatch_last_step_timestamp_seconds{{{sel}}})")
+        h.updated_at = raw("penwatch_last_step_timestamp_seconds")
         h.last_step_at = h.updated_at
         h.status = choice.status if choice else "unknown"
 
