@@ -524,6 +524,8 @@ def test_user_text_is_escaped_in_markdown_and_kept_in_data(status_store, monkeyp
     assert {HOSTILE_NAN, HOSTILE_PENALTY} == set(events["name"])
     tables = [d.value for d in at.dataframe]
     assert any(HOSTILE_MESSAGE in set(t.get("message", [])) for t in tables)
+    # the dominance section names the pipeline of its step as plain text, literally
+    assert any(f"pipeline {HOSTILE_PIPELINE});" in t.value for t in at.text)
 
 
 def test_ended_run_is_read_once_then_left_alone(status_store, monkeypatch):
@@ -615,3 +617,109 @@ def test_an_ended_run_stops_refreshing_and_a_live_one_does_not(status_store, mon
     assert any(c.value.startswith(note) for c in at.caption)  # the freshest run: stopped
     at = at.selectbox(key="penwatch_run").select("live-run").run()
     assert not at.exception and not any(c.value.startswith(note) for c in at.caption)
+
+
+# --- the dominance section (SPEC §12): a real small model's diagnostics steps ----------
+
+DOMINANCE_RUN = "dominance"
+
+
+@pytest.fixture(scope="module")
+def dominance_store(tmp_path_factory):
+    """An MLP with an L1 activity penalty at weight 5 under Adam, diagnostics every 5
+    steps (Gram matrix, per-layer norms, update shares, suggestions), written by the
+    SQLite sink; with the diagnostics records the monitor handed to its sinks."""
+    import optax
+
+    import penwatch as pw
+    from tests.test_dominance_answers import _l1_mean, _mlp_setup, _mse
+
+    path = tmp_path_factory.mktemp("dominance") / "dominance.db"
+    model, params, batch = _mlp_setup()
+    init, step = pw.training.build_activity_train_step(
+        model, _mse, {"hidden": (_l1_mean, 5.0)}, optax.adam(0.01), diagnostics_every=5
+    )
+    records: list[StepRecord] = []
+    state = init(params)
+    sinks = [pw.sinks.Callback(records.append), pw.sinks.SQLite(path)]
+    with pw.Monitor(DOMINANCE_RUN, sinks=sinks) as monitor:
+        for i in range(21):
+            state, metrics = step(state, batch)
+            monitor.record(i, metrics)
+    diag = {r.step: r for r in records if r.gram() is not None}
+    assert sorted(diag) == [0, 5, 10, 15, 20]
+    return path, diag
+
+
+def _dataframe(at: AppTest, column: str):
+    (frame,) = [d.value for d in at.dataframe if column in d.value.columns]
+    return frame
+
+
+def test_reader_reads_diagnostics_steps_by_index(dominance_store):
+    path, diag = dominance_store
+    with store.StoreReader(path) as reader:
+        (run_id,) = [r.id for r in reader.runs() if r.name == DOMINANCE_RUN]
+        assert reader.steps_with([run_id], "grad_gram[base,hidden]").tolist() == [20, 15, 10, 5, 0]
+        assert reader.steps_with([run_id], "grad_gram[base,hidden]", limit=2).tolist() == [20, 15]
+        assert reader.steps_with([run_id], "no_such_key").size == 0
+        ((rid, pipeline, values),) = reader.step_values([run_id], 15)
+        assert pipeline == "default"
+        assert (rid, values) == (run_id, diag[15].values)
+        assert reader.step_values([run_id], 10_000) == []
+        with pytest.raises(ValueError, match="limit must be an int >= 1, got 0"):
+            reader.steps_with([run_id], "loss", limit=0)
+
+
+def test_dominance_section_answers_in_words_then_what_if(dominance_store, monkeypatch):
+    from penwatch.dashboard import _dominance as dom
+    from penwatch.diagnostics import what_if
+
+    path, diag = dominance_store
+    at = _run(monkeypatch, path)
+    latest = dom.step_from_values(20, diag[20].values)
+    sentences = dom.sentences(latest)
+    assert sentences[0].startswith("hidden ")  # weight 5: the penalty is named
+    infos = [i.value for i in at.info]
+    for sentence in sentences:  # the answer in words, escaped, before the sliders
+        assert md_escape(sentence) in infos
+    # the what-if table at the current weight: the step as recorded
+    table = _dataframe(at, "what-if share").set_index("term")
+    for t in ("base", "hidden"):
+        assert table.loc[t, "what-if share"] == pytest.approx(
+            diag[20].values[f"{t}_grad_share"], rel=1e-4, abs=1e-6
+        )
+    # move the slider: the shares are what pw.diagnostics.what_if gives for that weight
+    slider = at.select_slider(key=f"penwatch_whatif:{DOMINANCE_RUN}:20:hidden")
+    assert slider.value == 5.0
+    at = slider.set_value(0.5).run()
+    assert not at.exception, at.exception
+    ref = what_if(diag[20], {"hidden": 0.5})
+    table = _dataframe(at, "what-if share").set_index("term")
+    assert table.loc["hidden", "what-if weight"] == 0.5
+    for t in ("base", "hidden"):
+        assert table.loc[t, "what-if share"] == pytest.approx(ref.grad_share[t], rel=1e-9)
+        assert table.loc[t, "what-if cosine"] == pytest.approx(ref.grad_cosine[t], rel=1e-9)
+    assert table.loc["hidden", "what-if share"] != pytest.approx(
+        diag[20].values["hidden_grad_share"], rel=1e-3
+    )
+    # the term × layer heat map, every label shown; gradient vs update shares
+    spec, (cells,) = _charts(at)["Where each term acts (step 20)"]
+    assert {(r.term, r.group) for r in cells.itertuples()} == {
+        (t, g) for t in ("base", "hidden") for g in ("dense1", "dense2")
+    }
+    for layer in spec["layer"]:
+        for channel in ("x", "y"):
+            assert layer["encoding"][channel]["axis"]["labelLimit"] == 0
+    shares = _dataframe(at, "update share").set_index("term")
+    assert shares.loc["hidden", "update share"] == pytest.approx(
+        diag[20].values["hidden_update_share"], rel=1e-6
+    )
+    # pick an earlier diagnostics step: its own words and sliders
+    at = at.select_slider(key=f"penwatch_diag_step:{DOMINANCE_RUN}:None").set_value(10).run()
+    assert not at.exception, at.exception
+    infos = [i.value for i in at.info]
+    for sentence in dom.sentences(dom.step_from_values(10, diag[10].values)):
+        assert md_escape(sentence) in infos
+    assert at.select_slider(key=f"penwatch_whatif:{DOMINANCE_RUN}:10:hidden").value == 5.0
+    assert "Where each term acts (step 10)" in _charts(at)
