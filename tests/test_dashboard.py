@@ -723,3 +723,39 @@ def test_dominance_section_answers_in_words_then_what_if(dominance_store, monkey
         assert md_escape(sentence) in infos
     assert at.select_slider(key=f"penwatch_whatif:{DOMINANCE_RUN}:10:hidden").value == 5.0
     assert "Where each term acts (step 10)" in _charts(at)
+
+
+def test_dominance_step_picker_follows_a_live_run_until_a_step_is_picked(
+    dominance_store, tmp_path, monkeypatch
+):
+    import shutil
+
+    path, diag = dominance_store
+    db = tmp_path / "live.db"
+    shutil.copy(path, db)
+
+    def add(step: int) -> None:  # one more diagnostics step, the latest's values
+        w = store.StoreWriter(db, flush_interval=1e9)
+        w.open_run(RunInfo(DOMINANCE_RUN, 0, "1.0", "cpu", 1, time.time()))
+        w.add_step(
+            StepRecord(DOMINANCE_RUN, 0, step, "default", time.time(), dict(diag[20].values))
+        )
+        w.close()
+
+    at = _run(monkeypatch, db)
+    key = f"penwatch_diag_step:{DOMINANCE_RUN}:None"
+    assert at.select_slider(key=key).value == 20
+    add(25)
+    at = at.run()
+    assert at.select_slider(key=key).value == 25  # the default follows the latest
+    at = at.select_slider(key=key).set_value(10).run()
+    add(30)
+    at = at.run()
+    assert at.select_slider(key=key).value == 10  # a picked step stays picked
+    assert md_escape(_sentences_of(diag[10])[0]) in [i.value for i in at.info]
+
+
+def _sentences_of(record: StepRecord) -> list[str]:
+    from penwatch.dashboard import _dominance as dom
+
+    return dom.sentences(dom.step_from_values(record.step, record.values))

@@ -195,8 +195,12 @@ def _dominance_step(source: sources.Source, snap: sources.Snapshot) -> None:
         chosen = None
         if len(steps) > 1:
             key = f"penwatch_diag_step:{snap.run}:{snap.process}"
-            if st.session_state.get(key) not in steps:
-                st.session_state[key] = steps[-1]  # the latest, or a step gone from the list
+            latest_key = f"penwatch_diag_latest:{snap.run}:{snap.process}"
+            picked = st.session_state.get(key)
+            if picked not in steps or picked == st.session_state.get(latest_key):
+                # the latest (following a live run), or a step gone from the list
+                st.session_state[key] = steps[-1]
+            st.session_state[latest_key] = steps[-1]
             chosen = st.select_slider(
                 "Diagnostics step (default: the latest)",
                 options=steps,
