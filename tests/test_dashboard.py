@@ -671,6 +671,29 @@ def test_reader_reads_diagnostics_steps_by_index(dominance_store):
             reader.steps_with([run_id], "loss", limit=0)
 
 
+def test_reader_steps_with_merges_processes_and_walks_the_index(stores):
+    with store.StoreReader(stores["multiproc"]) as reader:
+        ids = sorted(r.id for r in reader.runs() if r.name == "mp")  # 200 and 150 steps
+        got = reader.steps_with(ids, "base_grad_share", limit=4).tolist()
+        assert got == [199, 198, 197, 196]
+        both = reader.steps_with(ids, "base_grad_share", limit=1000)
+        assert both.size == 350 and both.tolist() == sorted(both.tolist(), reverse=True)
+        # each run's steps are walked back along the (run_id, step) index, never sorted
+        # whole: the plan of every statement the reader ran (bound values expanded)
+        ran: list[str] = []
+        reader._conn.set_trace_callback(ran.append)
+        reader.steps_with(ids, "base_grad_share", limit=4)
+        reader.step_values(ids, 120)
+        reader._conn.set_trace_callback(None)
+        plans = [
+            " ".join(str(r) for r in reader._conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+            for sql in ran
+            if "FROM steps" in sql
+        ]
+        assert len(plans) == 3 and all("steps_run_step" in p for p in plans), plans
+        assert all("TEMP B-TREE" not in p for p in plans[:2]), plans
+
+
 def test_dominance_section_answers_in_words_then_what_if(dominance_store, monkeypatch):
     from penwatch.dashboard import _dominance as dom
     from penwatch.diagnostics import what_if

@@ -296,19 +296,24 @@ class StoreReader:
 
         Returns:
           An int64 array of step numbers, newest first (a step recorded by several of
-          ``run_ids`` or pipelines appears once per row).
+          ``run_ids`` or pipelines appears once per row; the newest ``limit`` rows of
+          all of them).
         """
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"StoreReader.steps_with: limit must be an int >= 1, got {limit!r}")
-        ids = _ids(run_ids)
-        rows = self._query(
-            f"SELECT step FROM steps WHERE run_id IN ({ids}) AND layout_id IN"
-            f" (SELECT ls.layout_id FROM layout_series AS ls JOIN series AS s"
-            f" ON s.id = ls.series_id WHERE s.run_id IN ({ids}) AND s.key = ?)"
-            f" ORDER BY step DESC LIMIT ?",
-            (key, limit),
-        )
-        return np.array([r[0] for r in rows], dtype=np.int64)
+        found: list[int] = []
+        for run_id in {int(i) for i in run_ids}:  # one index walk per run: no sort of a run
+            found += [
+                r[0]
+                for r in self._query(
+                    "SELECT step FROM steps WHERE run_id = ? AND layout_id IN"
+                    " (SELECT ls.layout_id FROM layout_series AS ls JOIN series AS s"
+                    " ON s.id = ls.series_id WHERE s.run_id = ? AND s.key = ?)"
+                    " ORDER BY step DESC LIMIT ?",
+                    (run_id, run_id, key, limit),
+                )
+            ]
+        return np.array(sorted(found, reverse=True)[:limit], dtype=np.int64)
 
     def step_values(
         self, run_ids: Iterable[int], step: int
