@@ -782,3 +782,21 @@ def _sentences_of(record: StepRecord) -> list[str]:
     from penwatch.dashboard import _dominance as dom
 
     return dom.sentences(dom.step_from_values(record.step, record.values))
+
+
+def test_dominance_section_shows_hostile_term_names_as_text(tmp_path, monkeypatch):
+    from tests.test_dashboard_dominance import _balance_values
+
+    name = "*l1* <b>x</b> $m$"
+    values = {k.replace("hidden", name): v for k, v in _balance_values().items()}
+    db = tmp_path / "hostile.db"
+    _write(db, {("h", 0): [StepRecord("h", 0, 12, "default", time.time(), values)]})
+    at = _run(monkeypatch, db)
+    texts = _markdown_texts(at) + [s.label for s in at.select_slider]
+    assert not [t for t in texts if name in t]  # never raw inside Markdown
+    sentence = f"{name} holds the task back: ‖g‖ ratio 0.85, cosine -0.9"
+    assert any(i.value.startswith(md_escape(sentence)) for i in at.info)
+    (slider,) = at.select_slider
+    assert slider.label.startswith(md_escape(name)) and slider.value == 5.0
+    table = _dataframe(at, "what-if share")
+    assert name in set(table["term"])  # data, unescaped

@@ -177,7 +177,7 @@ def _what_if(snap: sources.Snapshot, step: _dom.DominanceStep) -> None:
         now = step.weights[term]
         with cols[i % len(cols)]:
             chosen[term] = st.select_slider(
-                f"{term} weight (log scale; now {now:.3g})",
+                f"{md_escape(term)} weight (log scale; now {now:.3g})",  # labels are Markdown
                 options=_dom.slider_options(now, step.suggested_weight.get(term)),
                 value=now,
                 format_func=_dom.weight_label,
