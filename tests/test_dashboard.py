@@ -630,9 +630,9 @@ def dominance_store(tmp_path_factory):
     steps (Gram matrix, per-layer norms, update shares, suggestions), written by the
     SQLite sink; with the diagnostics records the monitor handed to its sinks."""
     import optax
+    from test_dominance_answers import _l1_mean, _mlp_setup, _mse
 
     import penwatch as pw
-    from tests.test_dominance_answers import _l1_mean, _mlp_setup, _mse
 
     path = tmp_path_factory.mktemp("dominance") / "dominance.db"
     model, params, batch = _mlp_setup()
@@ -785,7 +785,7 @@ def _sentences_of(record: StepRecord) -> list[str]:
 
 
 def test_dominance_section_shows_hostile_term_names_as_text(tmp_path, monkeypatch):
-    from tests.test_dashboard_dominance import _balance_values
+    from test_dashboard_dominance import _balance_values
 
     name = "*l1* <b>x</b> $m$"
     values = {k.replace("hidden", name): v for k, v in _balance_values().items()}
