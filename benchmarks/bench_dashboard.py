@@ -39,9 +39,9 @@ def _store(path: pathlib.Path) -> None:
 
 
 def run(report: Report) -> None:
+    from penwatch.dashboard.sources import SQLiteSource
     from streamlit.testing.v1 import AppTest
 
-    from penwatch.dashboard.sources import SQLiteSource
     from penwatch.store import StoreWriter
     from penwatch.store._synthetic import synthetic_run
 
@@ -90,7 +90,7 @@ def run(report: Report) -> None:
         )
 
         os.environ["PENWATCH_DB"] = str(path)
-        app = pathlib.Path(__file__).resolve().parents[1] / "penwatch" / "dashboard" / "app.py"
+        app = pathlib.Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
         at = AppTest.from_file(str(app), default_timeout=120).run()
         assert not at.exception, at.exception
         full = time_call(lambda: at.run(), repeats=5, warmup=1)

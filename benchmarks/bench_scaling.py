@@ -152,6 +152,7 @@ def sweep_metrics(tmp: str) -> Curves:
 
 def sweep_run_length(tmp: str) -> Curves:
     from penwatch.dashboard.sources import SQLiteSource
+
     from penwatch.schema import RunInfo
     from penwatch.store import StoreWriter
     from penwatch.store._synthetic import synthetic_run

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import logging
 import os
 import pathlib
@@ -52,7 +53,7 @@ Unless --no-dashboard, the Streamlit dashboard (the 'dashboard' extra) starts fi
 """
 
 _DASHBOARD_HELP = """\
-Run the Streamlit dashboard (penwatch/dashboard/app.py) on a penwatch SQLite store (--db or
+Run the Streamlit dashboard (dashboard/app.py) on a penwatch SQLite store (--db or
 PENWATCH_DB) or on a Prometheus server (--prometheus or PENWATCH_PROMETHEUS_URL).
 """
 
@@ -114,7 +115,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _app_path() -> pathlib.Path:
-    return pathlib.Path(__file__).resolve().parent / "dashboard" / "app.py"
+    """The dashboard script, wherever ``penwatch.dashboard`` is installed from."""
+    spec = importlib.util.find_spec("penwatch.dashboard")
+    if spec is None or spec.origin is None:
+        return pathlib.Path(__file__).resolve().parent / "dashboard" / "app.py"  # absent
+    return pathlib.Path(spec.origin).resolve().parent / "app.py"
 
 
 def _dashboard_command(port: int, addr: str) -> list[str]:

@@ -16,16 +16,16 @@ import time
 import numpy as np
 import pyarrow as pa
 import pytest
-from streamlit.testing.v1 import AppTest
-
-from penwatch import store
 from penwatch.dashboard import sources
 from penwatch.dashboard._runs import RunChoice, combine_statuses, status_note
 from penwatch.dashboard._text import md_escape
+from streamlit.testing.v1 import AppTest
+
+from penwatch import store
 from penwatch.schema import Event, RunInfo, StepRecord, thresholds
 from penwatch.store._synthetic import synthetic_record, synthetic_run
 
-APP = str(pathlib.Path(__file__).resolve().parents[1] / "penwatch" / "dashboard" / "app.py")
+APP = str(pathlib.Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 TITLES = {
     "Weighted penalty contributions (stacked)",
     "Share of total penalty (latest)",
@@ -696,6 +696,7 @@ def test_reader_steps_with_merges_processes_and_walks_the_index(stores):
 
 def test_dominance_section_answers_in_words_then_what_if(dominance_store, monkeypatch):
     from penwatch.dashboard import _dominance as dom
+
     from penwatch.diagnostics import what_if
 
     path, diag = dominance_store

@@ -88,7 +88,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _start_app(env: dict[str, str], log) -> tuple[subprocess.Popen, int]:
-    """``streamlit run penwatch/dashboard/app.py`` on a free local port (its own process group)."""
+    """``streamlit run dashboard/app.py`` on a free local port (its own process group)."""
     port = _free_port()
     app = subprocess.Popen(
         [
@@ -96,7 +96,7 @@ def _start_app(env: dict[str, str], log) -> tuple[subprocess.Popen, int]:
             "-m",
             "streamlit",
             "run",
-            str(ROOT / "penwatch" / "dashboard" / "app.py"),
+            str(ROOT / "dashboard" / "app.py"),
             "--server.headless",
             "true",
             "--server.port",

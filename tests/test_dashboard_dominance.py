@@ -1,4 +1,4 @@
-"""The dashboard's dominance section (penwatch/dashboard/_dominance.py): pure functions."""
+"""The dashboard's dominance section (dashboard/_dominance.py): pure functions."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-
 from penwatch.dashboard import _dominance as dom
+
 from penwatch.diagnostics import what_if
 from penwatch.schema import gram_key, group_key, term_key
 

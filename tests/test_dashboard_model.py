@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
 from penwatch.dashboard._model import OPEN_ALERT_STEPS, Snapshot, derive, frame
+
 from penwatch.schema import thresholds
 
 
@@ -152,7 +152,7 @@ def test_sources_import_the_model_never_each_other():
     import ast
     import pathlib
 
-    root = pathlib.Path(__file__).resolve().parents[1] / "penwatch" / "dashboard"
+    root = pathlib.Path(__file__).resolve().parents[1] / "dashboard"
     allowed = {"_model", "_runs", "_errors", "_text"}
     for name in ("prom_source", "_sqlite_source", "_model"):
         tree = ast.parse((root / f"{name}.py").read_text())

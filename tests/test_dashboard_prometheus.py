@@ -17,12 +17,11 @@ import time
 import urllib.parse
 
 import pytest
-from streamlit.testing.v1 import AppTest
-
 from penwatch.dashboard.prom_source import PrometheusSource
 from penwatch.dashboard.sources import SourceUnavailable
+from streamlit.testing.v1 import AppTest
 
-APP = str(pathlib.Path(__file__).resolve().parents[1] / "penwatch" / "dashboard" / "app.py")
+APP = str(pathlib.Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 RUN = "prom-run"
 WEIGHTED = {"l1": 0.1, "l2": 0.3, "entropy": 0.05}
 SHARE = {"base": 0.3, "l1": 0.05, "l2": 0.6, "entropy": 0.05}

@@ -16,7 +16,6 @@ import textwrap
 
 import pytest
 from _deploy_stack import free_port, prom_query, start_prometheus, subprocess_env, wait_until
-
 from penwatch.dashboard.prom_source import PrometheusSource
 from penwatch.dashboard.sources import SQLiteSource
 

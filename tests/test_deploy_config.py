@@ -259,8 +259,8 @@ def test_compose_services_are_pinned_checked_and_persistent(compose):
     assert dashboard["environment"]["PENWATCH_PROMETHEUS_URL"] == "http://prometheus:9090"
     assert (REPO / "deploy" / "Dockerfile").is_file()
     # The image runs what the repository holds: the dashboard app and the demo CLI.
-    assert "penwatch/dashboard/app.py" in dashboard["command"]
-    assert (REPO / "penwatch" / "dashboard" / "app.py").is_file()
+    assert "dashboard/app.py" in dashboard["command"]
+    assert (REPO / "dashboard" / "app.py").is_file()
     assert services["trainer"]["command"][0] == "demo"
     assert services["trainer"]["environment"]["PENWATCH_METRICS_ADDR"] == "0.0.0.0"
 
@@ -298,4 +298,4 @@ def test_dockerfile_installs_the_project_and_runs_the_cli():
     # The build context is filtered by the root .dockerignore (docker-compose v1 reads
     # only that one), so the image never receives .venv or stores.
     ignore = (DEPLOY.parent / ".dockerignore").read_text().split()
-    assert {"**", "!penwatch/**", "!pyproject.toml"} <= set(ignore)
+    assert {"**", "!penwatch/**", "!dashboard/**", "!pyproject.toml"} <= set(ignore)

@@ -10,6 +10,7 @@ import ast
 import importlib
 import pathlib
 import re
+import tomllib
 
 import pytest
 
@@ -36,6 +37,8 @@ ALLOWED = _allowed()
 def _part(path: pathlib.Path) -> str:
     """The part a file belongs to: ``penwatch/sinks/_otel.py`` -> ``sinks``."""
     rel = path.relative_to(ROOT).parts
+    if rel[0] == "dashboard":  # installed as penwatch.dashboard (SPEC section 14)
+        return "dashboard"
     if rel[1] == "__init__.py":
         return "penwatch"  # the public API
     return rel[1].removesuffix(".py")
@@ -62,7 +65,7 @@ def _penwatch_imports(path: pathlib.Path) -> set[str]:
 
 
 def _modules() -> list[pathlib.Path]:
-    return sorted((ROOT / "penwatch").rglob("*.py"))
+    return sorted((ROOT / "penwatch").rglob("*.py")) + sorted((ROOT / "dashboard").rglob("*.py"))
 
 
 def test_every_part_is_in_the_table():
@@ -120,7 +123,7 @@ def test_no_public_name_shadows_a_subpackage(name):
 
 def test_dashboard_never_creates_metrics_tracers_or_writers():
     forbidden = {"prometheus_client", "opentelemetry", "StoreWriter", "sinks", "Monitor"}
-    for path in sorted((ROOT / "penwatch" / "dashboard").rglob("*.py")):
+    for path in sorted((ROOT / "dashboard").rglob("*.py")):
         tree = ast.parse(path.read_text())
         used = set()
         for node in ast.walk(tree):
@@ -132,3 +135,15 @@ def test_dashboard_never_creates_metrics_tracers_or_writers():
             elif isinstance(node, ast.Attribute):
                 used.add(node.attr)
         assert not used & forbidden, f"{path.relative_to(ROOT)} uses {sorted(used & forbidden)}"
+
+
+def test_the_wheel_lists_every_package():
+    """pyproject's explicit package list (needed for the dashboard's package-dir mapping)
+    names every package of the tree, and maps penwatch.dashboard to dashboard/."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    inits = (ROOT / "penwatch").rglob("__init__.py")
+    tree = {".".join(p.parent.relative_to(ROOT).parts) for p in inits}
+    assert set(config["packages"]) == tree | {"penwatch.dashboard"}
+    assert config["package-dir"] == {"penwatch.dashboard": "dashboard"}
+    assert (ROOT / "dashboard" / "__init__.py").is_file()
+    assert not (ROOT / "penwatch" / "dashboard").exists()

@@ -50,9 +50,8 @@ def wheel(tmp_path_factory) -> pathlib.Path:
     src = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    shutil.copytree(
-        ROOT / "penwatch", src / "penwatch", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    for package in ("penwatch", "dashboard"):  # dashboard/ installs as penwatch.dashboard
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     dist = tmp_path_factory.mktemp("dist")
     _run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(dist), str(src)],

@@ -41,11 +41,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
 from penwatch.dashboard import _model
 from penwatch.dashboard._errors import SourceUnavailable
 from penwatch.dashboard._model import Snapshot
 from penwatch.dashboard._runs import RunChoice
+
 from penwatch.schema import BASE_TERM, group_key, penalty_key, term_key, thresholds
 
 __all__ = ["PrometheusSource"]

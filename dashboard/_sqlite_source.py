@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from penwatch import store
 from penwatch.dashboard import _model, _runs
 from penwatch.dashboard._errors import SourceUnavailable
 from penwatch.dashboard._model import GRAD_QUANTITIES, Snapshot
 from penwatch.dashboard._runs import RunChoice
+
+from penwatch import store
 from penwatch.schema import BASE_TERM, TERM_QUANTITIES, term_key, thresholds
 
 __all__ = ["DIAGNOSTICS_STEPS", "STEP_WINDOW", "SQLiteSource"]

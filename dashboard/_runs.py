@@ -12,8 +12,9 @@ import dataclasses
 import time
 from collections.abc import Iterable, Sequence
 
-from penwatch import store
 from penwatch.dashboard._text import md_escape
+
+from penwatch import store
 
 __all__ = ["LIVE", "RunChoice", "age", "combine_statuses", "group_runs", "status_note"]
 

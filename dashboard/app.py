@@ -1,4 +1,4 @@
-"""penwatch live dashboard: ``streamlit run penwatch/dashboard/app.py [-- --db PATH]``.
+"""penwatch live dashboard: ``streamlit run dashboard/app.py [-- --db PATH]``.
 
 Reads a penwatch SQLite store (default; ``--db`` or ``PENWATCH_DB``) or a Prometheus
 server (``--prometheus URL`` or ``PENWATCH_PROMETHEUS_URL``) and refreshes itself every
@@ -16,19 +16,13 @@ passes through :func:`penwatch.dashboard._text.md_escape`.
 from __future__ import annotations
 
 import logging
-import pathlib
 import sys
 
-_ROOT = pathlib.Path(__file__).resolve().parents[2]  # a checkout run without installing
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-import streamlit as st  # noqa: E402
-
-from penwatch.dashboard import _dominance as _dom  # noqa: E402
-from penwatch.dashboard import charts, sources  # noqa: E402
-from penwatch.dashboard._runs import age, status_note  # noqa: E402
-from penwatch.dashboard._text import md_escape  # noqa: E402
+import streamlit as st
+from penwatch.dashboard import _dominance as _dom
+from penwatch.dashboard import charts, sources
+from penwatch.dashboard._runs import age, status_note
+from penwatch.dashboard._text import md_escape
 
 logger = logging.getLogger("penwatch.dashboard")
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
 from penwatch.dashboard._runs import LIVE
+
 from penwatch.schema import BASE_TERM, thresholds
 
 __all__ = [

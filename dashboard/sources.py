@@ -26,6 +26,7 @@ from penwatch.dashboard._model import ALL_PROCESSES, Snapshot
 from penwatch.dashboard._runs import RunChoice
 from penwatch.dashboard._sqlite_source import SQLiteSource
 from penwatch.dashboard.prom_source import PrometheusSource
+
 from penwatch.schema import thresholds
 
 __all__ = [
@@ -101,7 +102,7 @@ class Config:
         import argparse
 
         env = os.environ if env is None else env
-        parser = argparse.ArgumentParser(prog="penwatch/dashboard/app.py", allow_abbrev=False)
+        parser = argparse.ArgumentParser(prog="dashboard/app.py", allow_abbrev=False)
         parser.add_argument("--db", default=env.get("PENWATCH_DB", "penwatch.db"))
         parser.add_argument("--prometheus", default=env.get("PENWATCH_PROMETHEUS_URL") or None)
         parser.add_argument("--refresh", default=env.get("PENWATCH_REFRESH_SECONDS", "2"))
