@@ -33,10 +33,18 @@ __all__ = [
     "heatmap",
     "sentences",
     "share_table",
+    "slider_options",
     "step_from_values",
     "suggestion_note",
+    "weight_label",
     "what_if_table",
 ]
+
+SLIDER_STOPS = 8
+"""What-if slider stops per decade of weight."""
+
+SLIDER_DECADES = 3
+"""Decades either side of the current weight that a what-if slider spans."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +207,26 @@ def what_if_table(step: DominanceStep, weights: Mapping[str, float]) -> pd.DataF
     ]
     rows.append({"term": "total", "what-if ‖g‖": new.grad_norm})
     return pd.DataFrame(rows)
+
+
+def weight_label(w: float) -> str:
+    """A weight as a slider shows it (3 significant digits)."""
+    return f"{w:.3g}"
+
+
+def slider_options(now: float, suggested: float | None = None) -> list[float]:
+    """A what-if slider's weights, ascending: ``now · 10^(k/SLIDER_STOPS)`` for ``|k| ≤
+    SLIDER_STOPS · SLIDER_DECADES`` (log scale, the weight's sign kept; around 1 for a
+    zero weight), with ``now`` and the ``suggested`` weight exactly; one option per
+    :func:`weight_label` (the current weight wins a tie, then the suggestion)."""
+    scale = abs(now) if now != 0 else 1.0
+    sign = -1.0 if now < 0 else 1.0
+    n = SLIDER_STOPS * SLIDER_DECADES
+    grid = [sign * scale * 10 ** (k / SLIDER_STOPS) for k in range(-n, n + 1)]
+    shown: dict[str, float] = {}
+    for w in [now, *([] if suggested is None else [suggested]), *grid]:
+        shown.setdefault(weight_label(w), w)
+    return sorted(shown.values())
 
 
 def suggestion_note(step: DominanceStep) -> str:

@@ -1,8 +1,8 @@
 """The SQLite source: reads a penwatch store incrementally into the shared :class:`Snapshot`.
 
 Only :class:`~penwatch.store.StoreReader`'s public methods are used (runs, series, values,
-rollup, steps, step_span, step_reports, events), never the raw tables: the store's
-layout may change under them. Each refresh reads **only what is new** (``id >
+rollup, steps, step_span, step_reports, events, steps_with, step_values), never the raw
+tables: the store's layout may change under them. Each refresh reads **only what is new** (``id >
 last_seen``, the last rollup bucket held); :func:`penwatch.dashboard._model.derive`
 computes every derived figure.
 """
@@ -22,9 +22,15 @@ from penwatch.dashboard._model import GRAD_QUANTITIES, Snapshot
 from penwatch.dashboard._runs import RunChoice
 
 from penwatch import store
-from penwatch.schema import BASE_TERM, TERM_QUANTITIES, thresholds
+from penwatch.schema import BASE_TERM, TERM_QUANTITIES, term_key, thresholds
 
-__all__ = ["STEP_WINDOW", "SQLiteSource"]
+__all__ = ["DIAGNOSTICS_STEPS", "STEP_WINDOW", "SQLiteSource"]
+
+DIAGNOSTICS_STEPS = 500
+"""Most recent diagnostics steps offered by :meth:`SQLiteSource.diagnostics_steps`."""
+
+_DIAGNOSTICS_KEY = term_key(BASE_TERM, "grad_share")
+"""A key every diagnostics step records (SPEC §4): marks the steps that ran them."""
 
 STEP_WINDOW = 2000
 """Most recent step rows kept for headline numbers and duration percentiles."""
@@ -116,12 +122,40 @@ class SQLiteSource:
             raise SourceUnavailable(f"{self.path} is not a readable penwatch store: {exc}") from exc
         return _runs.group_runs(rows)
 
+    def _rows(self, run: str, process: int | None) -> list[store.RunRow]:
+        rows = [r for r in self._open().runs() if r.name == run]
+        return rows if process is None else [r for r in rows if r.process == process]
+
+    def diagnostics_steps(self, run: str, process: int | None) -> list[int]:
+        """The latest :data:`DIAGNOSTICS_STEPS` steps that ran gradient diagnostics,
+        oldest first (read through the ``(run_id, step)`` index, not the whole run)."""
+        ids = [r.id for r in self._rows(run, process)]
+        found = self._open().steps_with(ids, _DIAGNOSTICS_KEY, limit=DIAGNOSTICS_STEPS)
+        return sorted({int(s) for s in found})
+
+    def step_values(
+        self, run: str, process: int | None, step: int | None
+    ) -> tuple[int, str, dict[str, float]] | None:
+        """One diagnostics step's recorded values as ``(step, where, values)``: the first
+        process (and pipeline) that ran diagnostics at ``step`` (None: the latest
+        diagnostics step); None when none did. ``where`` names them (``"process 0,
+        pipeline default"``)."""
+        rows = self._rows(run, process)
+        process_of = {r.id: r.process for r in rows}
+        if step is None:
+            latest = self._open().steps_with(list(process_of), _DIAGNOSTICS_KEY, limit=1)
+            if not latest.size:
+                return None
+            step = int(latest[0])
+        for run_id, pipeline, values in self._open().step_values(list(process_of), step):
+            if _DIAGNOSTICS_KEY in values:
+                return step, f"process {process_of[run_id]}, pipeline {pipeline}", values
+        return None
+
     def snapshot(self, run: str, process: int | None) -> Snapshot:
         """Everything the views draw for ``run`` (``process=None``: all processes)."""
         reader = self._open()
-        rows = [r for r in reader.runs() if r.name == run]
-        if process is not None:
-            rows = [r for r in rows if r.process == process]
+        rows = self._rows(run, process)
         run_ids = tuple(sorted(r.id for r in rows))
         cache = self._cache.get((run, process))
         if cache is None or cache.run_ids != run_ids:

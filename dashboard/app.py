@@ -19,6 +19,7 @@ import logging
 import sys
 
 import streamlit as st
+from penwatch.dashboard import _dominance as _dom
 from penwatch.dashboard import charts, sources
 from penwatch.dashboard._runs import age, status_note
 from penwatch.dashboard._text import md_escape
@@ -158,13 +159,97 @@ def _chart(chart: object, empty: str) -> None:
         st.altair_chart(chart, width="stretch")
 
 
-def _dominance(snap: sources.Snapshot, span: tuple[float, float] | None) -> None:
-    """The dominance section: gradients per term (SPEC §4 and §12).
+def _what_if(snap: sources.Snapshot, step: _dom.DominanceStep) -> None:
+    """Weight sliders (log scale, default the current weight) and the figures the step
+    would have had under them, from its term Gram matrix (``pw.diagnostics.what_if``)."""
+    st.markdown(f"**What if** the weights had been different at step {step.step:,}?")
+    st.text(_dom.suggestion_note(step))  # plain text: names shown literally
+    penalties = step.terms[1:]
+    chosen = {}
+    cols = st.columns(min(3, max(1, len(penalties))))
+    for i, term in enumerate(penalties):
+        now = step.weights[term]
+        with cols[i % len(cols)]:
+            chosen[term] = st.select_slider(
+                f"{md_escape(term)} weight (log scale; now {now:.3g})",  # labels are Markdown
+                options=_dom.slider_options(now, step.suggested_weight.get(term)),
+                value=now,
+                format_func=_dom.weight_label,
+                key=f"penwatch_whatif:{snap.run}:{step.step}:{term}",
+            )
+    table = _dom.what_if_table(step, chosen)
+    st.dataframe(table, hide_index=True, width="stretch")
 
-    This is where ``penwatch.dashboard._dominance`` (a diagnostics step in words, the
-    what-if sliders and the term × layer heat map, SPEC §12) is drawn, below the
-    per-term charts, once that module exists.
-    """
+
+def _dominance_step(source: sources.Source, snap: sources.Snapshot) -> None:
+    """One diagnostics step in words, then what-if sliders, the term × layer heat map
+    and gradient vs update shares (``penwatch.dashboard._dominance``, SPEC §12)."""
+    try:
+        steps = source.diagnostics_steps(snap.run, snap.process)
+        chosen = None
+        if len(steps) > 1:
+            key = f"penwatch_diag_step:{snap.run}:{snap.process}"
+            latest_key = f"penwatch_diag_latest:{snap.run}:{snap.process}"
+            picked = st.session_state.get(key)
+            if picked not in steps or picked == st.session_state.get(latest_key):
+                # the latest (following a live run), or a step gone from the list
+                st.session_state[key] = steps[-1]
+            st.session_state[latest_key] = steps[-1]
+            chosen = st.select_slider(
+                "Diagnostics step (default: the latest)",
+                options=steps,
+                key=key,
+                format_func=lambda s: f"{s:,}",
+            )
+        found = source.step_values(snap.run, snap.process, chosen)
+    except Exception as exc:  # a store mid-write, a network error: say so, retry next tick
+        logger.warning("dashboard: reading a diagnostics step failed: %s", exc)
+        st.warning(md_escape(f"Could not read a diagnostics step this time ({exc}); retrying."))
+        return
+    if found is None:
+        st.info("No diagnostics step with per-term gradients recorded yet.")
+        return
+    at, where, values = found
+    step = _dom.step_from_values(at, values)
+    if step is None:
+        st.info("No diagnostics step with per-term gradients recorded yet.")
+        return
+    for sentence in _dom.sentences(step):
+        st.info(md_escape(sentence))
+    st.text(  # plain text: pipeline names shown literally
+        f"Step {step.step:,} ({where}); {len(steps)} diagnostics steps to pick."
+        if steps
+        else f"Step {step.step:,} ({where})."
+    )
+    if step.gram is not None:
+        _what_if(snap, step)
+    elif not steps:
+        st.info(
+            "This source keeps no term Gram matrix, so the what-if sliders need the SQLite "
+            "store (`--db`); shown: the latest shares, cosines and suggested weights."
+        )
+    else:
+        st.info("This diagnostics step recorded no term Gram matrix: no what-if.")
+    left, right = st.columns([3, 2])
+    with left:
+        _chart(_dom.heatmap(step), "No per-layer gradient norms at this step.")
+    with right:
+        st.markdown("**Gradient vs update shares**")
+        table = _dom.share_table(step)
+        if step.suggested_weight:
+            table["weight"] = [step.weights.get(t) for t in table["term"]]
+            table["suggested weight"] = [step.suggested_weight.get(t) for t in table["term"]]
+        st.dataframe(table, hide_index=True, width="stretch")
+        if not step.update_share:
+            st.text("No update shares: the optimizer is not diagonally preconditioned.")
+
+
+def _dominance(
+    source: sources.Source, snap: sources.Snapshot, span: tuple[float, float] | None
+) -> None:
+    """The dominance section (SPEC §4 and §12): a diagnostics step in words, what-if
+    sliders, the term × layer heat map and gradient vs update shares; then the
+    gradients per term over the run."""
     st.subheader("Dominance: gradients per term" if snap.grad_wrt == "params" else "Gradient norms")
     if snap.grad_wrt is None:
         st.info(
@@ -172,6 +257,8 @@ def _dominance(snap: sources.Snapshot, span: tuple[float, float] | None) -> None
             "or `track_grad_norms=True`)."
         )
         return
+    if snap.grad_wrt == "params":
+        _dominance_step(source, snap)
     highlight = {r.term: r.status for r in snap.terms.itertuples() if r.status != "ok"}
     grads = _within(snap.grads, span)
     cols = st.columns(3 if snap.grad_wrt == "params" else 1)
@@ -187,7 +274,7 @@ def _dominance(snap: sources.Snapshot, span: tuple[float, float] | None) -> None
             st.dataframe(snap.terms, hide_index=True, width="stretch")
 
 
-def _views(snap: sources.Snapshot) -> None:
+def _views(source: sources.Source, snap: sources.Snapshot) -> None:
     span = _first_nonfinite(snap)
     left, right = st.columns([2, 1])
     with left:
@@ -220,7 +307,7 @@ def _views(snap: sources.Snapshot) -> None:
                         "results were ready, not the time it queued"
                     ),
                 )
-    _dominance(snap, span)
+    _dominance(source, snap, span)
     st.subheader("Non-finite events and alerts")
     if snap.events.empty:
         st.success("No non-finite episodes and no alerts so far.")
@@ -407,7 +494,7 @@ def _page(source: sources.Source, live: bool) -> None:
     _headline(snap)
     if others:
         _comparison([snap, *others])
-    _views(snap)
+    _views(source, snap)
 
 
 def _wait_for_runs(source: sources.Source) -> None:

@@ -46,7 +46,7 @@ from penwatch.dashboard._errors import SourceUnavailable
 from penwatch.dashboard._model import Snapshot
 from penwatch.dashboard._runs import RunChoice
 
-from penwatch.schema import BASE_TERM, thresholds
+from penwatch.schema import BASE_TERM, group_key, penalty_key, term_key, thresholds
 
 __all__ = ["PrometheusSource"]
 
@@ -224,6 +224,50 @@ class PrometheusSource:
         self._durations(snap, sel, at)
         self._headline(snap, sel, choice)
         return _model.derive(snap, stale_after=self.stale_after)
+
+    def diagnostics_steps(self, run: str, process: int | None) -> list[int]:
+        """No step can be picked: Prometheus keeps the latest readings, not one step's
+        values, and no term Gram matrix (only pairwise cosines)."""
+        return []
+
+    def step_values(
+        self, run: str, process: int | None, step: int | None
+    ) -> tuple[int, str, dict[str, float]] | None:
+        """The latest readings of the dominance figures as record keys, ``(step, where,
+        values)``: per term ``param_grad_norm``, ``grad_share``, ``grad_cosine``,
+        ``update_share``, ``suggested_weight``, per-group norms and penalty weights; of
+        the first pipeline (by name) that has them, averaged over processes. None for a
+        given ``step`` (Prometheus has no per-step values) or when nothing was exported."""
+        if step is not None:
+            return None
+        sel = f'run="{_esc(run)}"' + ("" if process is None else f',process="{process}"')
+        by = "pipeline, penalty"
+        found: dict[str, dict[str, float]] = {}
+
+        def read(metric: str, key, extra: str = "", labels: str = by) -> None:
+            for m, v in self.latest(f"avg by ({labels}) ({metric}{{{sel}{extra}}})"):
+                found.setdefault(m.get("pipeline", ""), {})[key(m)] = v
+
+        read(
+            "penwatch_penalty_grad_norm",
+            lambda m: term_key(m["penalty"], "param_grad_norm"),
+            ',wrt="params"',
+        )
+        for q in ("grad_share", "grad_cosine", "update_share", "suggested_weight"):
+            read(f"penwatch_penalty_{q}", lambda m, q=q: term_key(m["penalty"], q))
+        read("penwatch_penalty_weight", lambda m: penalty_key(m["penalty"], "weight"))
+        read(
+            "penwatch_penalty_group_grad_norm",
+            lambda m: group_key(m["penalty"], m.get("group", "")),
+            labels=f"{by}, group",
+        )
+        key = term_key(BASE_TERM, "grad_share")
+        for pipeline in sorted(found):
+            if key in found[pipeline]:
+                step_now = self.latest(f"max(penwatch_step{{{sel}}})")
+                at = int(step_now[0][1]) if step_now else 0
+                return at, f"latest readings, pipeline {pipeline}", found[pipeline]
+        return None
 
     # --- pieces -----------------------------------------------------------------------
 

@@ -56,6 +56,18 @@ class Source(Protocol):
         """Everything the views draw for ``run`` (``process=None``: all processes)."""
         ...
 
+    def diagnostics_steps(self, run: str, process: int | None) -> list[int]:
+        """Diagnostics steps whose values :meth:`step_values` can read, oldest first
+        (empty when the source keeps no per-step values: Prometheus)."""
+        ...
+
+    def step_values(
+        self, run: str, process: int | None, step: int | None
+    ) -> tuple[int, str, dict[str, float]] | None:
+        """``(step, where, values)`` of one diagnostics step (None: the latest the
+        source has), as record keys; None when there is none."""
+        ...
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:

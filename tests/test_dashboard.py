@@ -524,6 +524,8 @@ def test_user_text_is_escaped_in_markdown_and_kept_in_data(status_store, monkeyp
     assert {HOSTILE_NAN, HOSTILE_PENALTY} == set(events["name"])
     tables = [d.value for d in at.dataframe]
     assert any(HOSTILE_MESSAGE in set(t.get("message", [])) for t in tables)
+    # the dominance section names the pipeline of its step as plain text, literally
+    assert any(f"pipeline {HOSTILE_PIPELINE});" in t.value for t in at.text)
 
 
 def test_ended_run_is_read_once_then_left_alone(status_store, monkeypatch):
@@ -615,3 +617,187 @@ def test_an_ended_run_stops_refreshing_and_a_live_one_does_not(status_store, mon
     assert any(c.value.startswith(note) for c in at.caption)  # the freshest run: stopped
     at = at.selectbox(key="penwatch_run").select("live-run").run()
     assert not at.exception and not any(c.value.startswith(note) for c in at.caption)
+
+
+# --- the dominance section (SPEC §12): a real small model's diagnostics steps ----------
+
+DOMINANCE_RUN = "dominance"
+
+
+@pytest.fixture(scope="module")
+def dominance_store(tmp_path_factory):
+    """An MLP with an L1 activity penalty at weight 5 under Adam, diagnostics every 5
+    steps (Gram matrix, per-layer norms, update shares, suggestions), written by the
+    SQLite sink; with the diagnostics records the monitor handed to its sinks."""
+    import optax
+    from test_dominance_answers import _l1_mean, _mlp_setup, _mse
+
+    import penwatch as pw
+
+    path = tmp_path_factory.mktemp("dominance") / "dominance.db"
+    model, params, batch = _mlp_setup()
+    init, step = pw.training.build_activity_train_step(
+        model, _mse, {"hidden": (_l1_mean, 5.0)}, optax.adam(0.01), diagnostics_every=5
+    )
+    records: list[StepRecord] = []
+    state = init(params)
+    sinks = [pw.sinks.Callback(records.append), pw.sinks.SQLite(path)]
+    with pw.Monitor(DOMINANCE_RUN, sinks=sinks) as monitor:
+        for i in range(21):
+            state, metrics = step(state, batch)
+            monitor.record(i, metrics)
+    diag = {r.step: r for r in records if r.gram() is not None}
+    assert sorted(diag) == [0, 5, 10, 15, 20]
+    return path, diag
+
+
+def _dataframe(at: AppTest, column: str):
+    (frame,) = [d.value for d in at.dataframe if column in d.value.columns]
+    return frame
+
+
+def test_reader_reads_diagnostics_steps_by_index(dominance_store):
+    path, diag = dominance_store
+    with store.StoreReader(path) as reader:
+        (run_id,) = [r.id for r in reader.runs() if r.name == DOMINANCE_RUN]
+        assert reader.steps_with([run_id], "grad_gram[base,hidden]").tolist() == [20, 15, 10, 5, 0]
+        assert reader.steps_with([run_id], "grad_gram[base,hidden]", limit=2).tolist() == [20, 15]
+        assert reader.steps_with([run_id], "no_such_key").size == 0
+        ((rid, pipeline, values),) = reader.step_values([run_id], 15)
+        assert pipeline == "default"
+        assert (rid, values) == (run_id, diag[15].values)
+        assert reader.step_values([run_id], 10_000) == []
+        with pytest.raises(ValueError, match="limit must be an int >= 1, got 0"):
+            reader.steps_with([run_id], "loss", limit=0)
+
+
+def test_reader_steps_with_merges_processes_and_walks_the_index(stores):
+    with store.StoreReader(stores["multiproc"]) as reader:
+        ids = sorted(r.id for r in reader.runs() if r.name == "mp")  # 200 and 150 steps
+        got = reader.steps_with(ids, "base_grad_share", limit=4).tolist()
+        assert got == [199, 198, 197, 196]
+        both = reader.steps_with(ids, "base_grad_share", limit=1000)
+        assert both.size == 350 and both.tolist() == sorted(both.tolist(), reverse=True)
+        # each run's steps are walked back along the (run_id, step) index, never sorted
+        # whole: the plan of every statement the reader ran (bound values expanded)
+        ran: list[str] = []
+        reader._conn.set_trace_callback(ran.append)
+        reader.steps_with(ids, "base_grad_share", limit=4)
+        reader.step_values(ids, 120)
+        reader._conn.set_trace_callback(None)
+        plans = [
+            " ".join(str(r) for r in reader._conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+            for sql in ran
+            if "FROM steps" in sql
+        ]
+        assert len(plans) == 3 and all("steps_run_step" in p for p in plans), plans
+        assert all("TEMP B-TREE" not in p for p in plans[:2]), plans
+
+
+def test_dominance_section_answers_in_words_then_what_if(dominance_store, monkeypatch):
+    from penwatch.dashboard import _dominance as dom
+
+    from penwatch.diagnostics import what_if
+
+    path, diag = dominance_store
+    at = _run(monkeypatch, path)
+    latest = dom.step_from_values(20, diag[20].values)
+    sentences = dom.sentences(latest)
+    assert sentences[0].startswith("hidden ")  # weight 5: the penalty is named
+    infos = [i.value for i in at.info]
+    for sentence in sentences:  # the answer in words, escaped, before the sliders
+        assert md_escape(sentence) in infos
+    # the what-if table at the current weight: the step as recorded
+    table = _dataframe(at, "what-if share").set_index("term")
+    for t in ("base", "hidden"):
+        assert table.loc[t, "what-if share"] == pytest.approx(
+            diag[20].values[f"{t}_grad_share"], rel=1e-4, abs=1e-6
+        )
+    # move the slider: the shares are what pw.diagnostics.what_if gives for that weight
+    slider = at.select_slider(key=f"penwatch_whatif:{DOMINANCE_RUN}:20:hidden")
+    assert slider.value == 5.0
+    at = slider.set_value(0.5).run()
+    assert not at.exception, at.exception
+    ref = what_if(diag[20], {"hidden": 0.5})
+    table = _dataframe(at, "what-if share").set_index("term")
+    assert table.loc["hidden", "what-if weight"] == 0.5
+    for t in ("base", "hidden"):
+        assert table.loc[t, "what-if share"] == pytest.approx(ref.grad_share[t], rel=1e-9)
+        assert table.loc[t, "what-if cosine"] == pytest.approx(ref.grad_cosine[t], rel=1e-9)
+    assert table.loc["hidden", "what-if share"] != pytest.approx(
+        diag[20].values["hidden_grad_share"], rel=1e-3
+    )
+    # the term × layer heat map, every label shown; gradient vs update shares
+    spec, (cells,) = _charts(at)["Where each term acts (step 20)"]
+    assert {(r.term, r.group) for r in cells.itertuples()} == {
+        (t, g) for t in ("base", "hidden") for g in ("dense1", "dense2")
+    }
+    for layer in spec["layer"]:
+        for channel in ("x", "y"):
+            assert layer["encoding"][channel]["axis"]["labelLimit"] == 0
+    shares = _dataframe(at, "update share").set_index("term")
+    assert shares.loc["hidden", "update share"] == pytest.approx(
+        diag[20].values["hidden_update_share"], rel=1e-6
+    )
+    # pick an earlier diagnostics step: its own words and sliders
+    at = at.select_slider(key=f"penwatch_diag_step:{DOMINANCE_RUN}:None").set_value(10).run()
+    assert not at.exception, at.exception
+    infos = [i.value for i in at.info]
+    for sentence in dom.sentences(dom.step_from_values(10, diag[10].values)):
+        assert md_escape(sentence) in infos
+    assert at.select_slider(key=f"penwatch_whatif:{DOMINANCE_RUN}:10:hidden").value == 5.0
+    assert "Where each term acts (step 10)" in _charts(at)
+
+
+def test_dominance_step_picker_follows_a_live_run_until_a_step_is_picked(
+    dominance_store, tmp_path, monkeypatch
+):
+    import shutil
+
+    path, diag = dominance_store
+    db = tmp_path / "live.db"
+    shutil.copy(path, db)
+
+    def add(step: int) -> None:  # one more diagnostics step, the latest's values
+        w = store.StoreWriter(db, flush_interval=1e9)
+        w.open_run(RunInfo(DOMINANCE_RUN, 0, "1.0", "cpu", 1, time.time()))
+        w.add_step(
+            StepRecord(DOMINANCE_RUN, 0, step, "default", time.time(), dict(diag[20].values))
+        )
+        w.close()
+
+    at = _run(monkeypatch, db)
+    key = f"penwatch_diag_step:{DOMINANCE_RUN}:None"
+    assert at.select_slider(key=key).value == 20
+    add(25)
+    at = at.run()
+    assert at.select_slider(key=key).value == 25  # the default follows the latest
+    at = at.select_slider(key=key).set_value(10).run()
+    add(30)
+    at = at.run()
+    assert at.select_slider(key=key).value == 10  # a picked step stays picked
+    assert md_escape(_sentences_of(diag[10])[0]) in [i.value for i in at.info]
+
+
+def _sentences_of(record: StepRecord) -> list[str]:
+    from penwatch.dashboard import _dominance as dom
+
+    return dom.sentences(dom.step_from_values(record.step, record.values))
+
+
+def test_dominance_section_shows_hostile_term_names_as_text(tmp_path, monkeypatch):
+    from test_dashboard_dominance import _balance_values
+
+    name = "*l1* <b>x</b> $m$"
+    values = {k.replace("hidden", name): v for k, v in _balance_values().items()}
+    db = tmp_path / "hostile.db"
+    _write(db, {("h", 0): [StepRecord("h", 0, 12, "default", time.time(), values)]})
+    at = _run(monkeypatch, db)
+    texts = _markdown_texts(at) + [s.label for s in at.select_slider]
+    assert not [t for t in texts if name in t]  # never raw inside Markdown
+    sentence = f"{name} holds the task back: ‖g‖ ratio 0.85, cosine -0.9"
+    assert any(i.value.startswith(md_escape(sentence)) for i in at.info)
+    (slider,) = at.select_slider
+    assert slider.label.startswith(md_escape(name)) and slider.value == 5.0
+    table = _dataframe(at, "what-if share")
+    assert name in set(table["term"])  # data, unescaped

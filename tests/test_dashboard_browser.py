@@ -484,6 +484,14 @@ def test_a_truthful_page_in_chromium(tmp_path):
             assert body.index("Needs attention") < body.index("Non-finite values: ")
             assert body.index("Non-finite values: ") < body.index("Base loss")
             assert body.index("Base loss") < body.index("Dominance: gradients per term")
+            # the dominance section answers in words first, for the latest diagnostics step,
+            # and says where it read it, the hostile pipeline name as typed
+            body = _wait_for_text(
+                page,
+                "orthogonality pushes against the task, weakly: ‖g‖ ratio 0.23, cosine -0.8",
+                f"Step 2,099 (process 0, pipeline {HOSTILE_PIPELINE}); 200 diagnostics steps",
+            )
+            assert body.index("Dominance: gradients per term") < body.index("pushes against")
             # text is text: names and messages shown as typed, nothing made from them
             main = page.locator("[data-testid='stMain']")
             for selector in ("b", "i", "script", "a[href^='http']", ".katex"):

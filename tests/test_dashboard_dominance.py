@@ -119,3 +119,17 @@ def test_share_table_puts_gradient_and_update_shares_side_by_side():
     table = dom.share_table(dom.step_from_values(12, _balance_values(update_share=0.7)))
     assert list(table.columns) == ["term", "grad share", "update share"]
     assert table.set_index("term").loc["hidden", "update share"] == 0.7
+
+
+def test_slider_options_are_log_spaced_around_the_current_weight():
+    options = dom.slider_options(5.0, 0.4)
+    assert 5.0 in options and 0.4 in options and options == sorted(options)
+    assert min(options) == pytest.approx(5e-3) and max(options) == pytest.approx(5e3)
+    ratios = np.diff(np.log10([w for w in options if w not in (0.4,)]))
+    assert np.allclose(ratios, 1 / dom.SLIDER_STOPS)
+    labels = [dom.weight_label(w) for w in options]
+    assert len(set(labels)) == len(labels)  # a slider maps labels to options
+    assert all(w < 0 for w in dom.slider_options(-2.0))  # a bonus term keeps its sign
+    assert {0.0, 1.0} <= set(dom.slider_options(0.0))
+    # the current weight wins a label tie with the suggestion
+    assert 5.0 in dom.slider_options(5.0, 5.0001) and 5.0001 not in dom.slider_options(5.0, 5.0001)

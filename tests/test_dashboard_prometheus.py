@@ -26,6 +26,10 @@ RUN = "prom-run"
 WEIGHTED = {"l1": 0.1, "l2": 0.3, "entropy": 0.05}
 SHARE = {"base": 0.3, "l1": 0.05, "l2": 0.6, "entropy": 0.05}
 COSINE = {"base": 1.0, "l1": 0.2, "l2": 0.1, "entropy": -0.7}
+WEIGHT = {"l1": 0.01, "l2": 3.0, "entropy": 0.1}
+SUGGESTED_L2 = 0.8
+UPDATE_SHARE = {"base": 0.35, "l2": 0.65}
+GROUP_NORM = {("base", "dense1"): 1.2, ("base", "dense2"): 0.3, ("l2", "dense1"): 0.9}
 
 
 class Model:
@@ -68,6 +72,16 @@ class Model:
             return [({**base, **pens, "penalty": p}, v) for p, v in SHARE.items()]
         if name == "penwatch_penalty_grad_cosine":
             return [({**base, **pens, "penalty": p}, v) for p, v in COSINE.items()]
+        if name == "penwatch_penalty_weight":
+            return [({**base, **pens, "penalty": p}, v) for p, v in WEIGHT.items()]
+        if name == "penwatch_penalty_suggested_weight":
+            return [({**base, **pens, "penalty": "l2"}, SUGGESTED_L2)]
+        if name == "penwatch_penalty_update_share":
+            return [({**base, **pens, "penalty": p}, v) for p, v in UPDATE_SHARE.items()]
+        if name == "penwatch_penalty_group_grad_norm":
+            return [
+                ({**base, **pens, "penalty": p, "group": g}, v) for (p, g), v in GROUP_NORM.items()
+            ]
         if name == "penwatch_nonfinite_total":
             n = 2.0 if t >= self.t0 + 300 else 0.0
             return [({**base, "source": "l2", "kind": "nan"}, n)]
@@ -186,7 +200,7 @@ def test_app_reads_prometheus(prometheus, monkeypatch):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Total penalty"] == "0.45" and metrics["Open alerts"] == "1"
     assert metrics["Non-finite steps"].startswith("1–") and metrics["Non-finite episodes"] == "≥ 1"
-    assert len(at.get("vega_lite_chart")) == 9
+    assert len(at.get("vega_lite_chart")) == 10  # 9 and the dominance heat map
     assert "Prometheus" in at.caption[0].value
 
 
@@ -210,3 +224,37 @@ def test_a_run_without_recent_steps_is_idle_not_crashed(prometheus, monkeypatch)
     assert any("Prometheus cannot tell" in i.value for i in at.info)
     assert "status **idle** (not live)" in at.caption[-1].value
     assert {m.label: m.value for m in at.metric}["Total penalty"] == "0.45"
+
+
+def test_dominance_section_from_prometheus_says_the_what_if_needs_the_store(
+    prometheus, monkeypatch
+):
+    from penwatch.dashboard._text import md_escape
+
+    url, _ = prometheus
+    source = PrometheusSource(url, lookback=900, max_points=300)
+    assert source.diagnostics_steps(RUN, None) == []
+    assert source.step_values(RUN, None, 10) is None  # no per-step values
+    _, where, values = source.step_values(RUN, None, None)
+    assert where == "latest readings, pipeline default"
+    assert values["l2_grad_share"] == SHARE["l2"] and values["l2_suggested_weight"] == 0.8
+    assert values["l2_weight"] == WEIGHT["l2"] and values["entropy_param_grad_norm"] == 1.05
+    monkeypatch.setenv("PENWATCH_PROMETHEUS_URL", url)
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception, at.exception
+    infos = [i.value for i in at.info]
+    # the answer in words from the latest readings: l2 dominates, with its suggestion
+    assert md_escape(
+        "l2 dominates the update: gradient share 0.6; suggested weight 0.8 (now 3)"
+    ) in (infos)
+    assert any("what-if sliders need the SQLite store" in i for i in infos)
+    assert not at.select_slider  # no step picker, no weight sliders
+    (shares,) = [d.value for d in at.dataframe if "update share" in d.value.columns]
+    shares = shares.set_index("term")
+    assert shares.loc["l2", "suggested weight"] == 0.8
+    assert shares.loc["l2", "update share"] == UPDATE_SHARE["l2"]
+    (heatmap,) = [c for c in at.get("vega_lite_chart") if "Where each term acts" in c.proto.spec]
+    import pyarrow as pa
+
+    (data,) = [pa.ipc.open_stream(d.data.data).read_pandas() for d in heatmap.proto.datasets]
+    assert set(zip(data["term"], data["group"], strict=True)) == set(GROUP_NORM)

@@ -116,6 +116,7 @@ class StoreReader:
         self._conn = reader_connection(self.path, busy_timeout=busy_timeout)
         self._ready = False
         self._layouts: dict[int, np.ndarray] = {}
+        self._layout_names: dict[int, list[str]] = {}
         self._step_series: dict[tuple[int, str], np.ndarray] = {}
 
     def close(self) -> None:
@@ -282,6 +283,73 @@ class StoreReader:
             for name, parts in out.items()
         }
 
+    def steps_with(self, run_ids: Iterable[int], key: str, *, limit: int = 500) -> np.ndarray:
+        """Steps whose stored row records ``key`` (e.g. a diagnostics key), newest first.
+
+        Walks the ``(run_id, step)`` index back from the newest step and stops after
+        ``limit`` matches: the cost is the steps walked, not the run.
+
+        Args:
+          run_ids: runs to read.
+          key: a flat metric key (the series ``key``).
+          limit: most steps returned (an int >= 1).
+
+        Returns:
+          An int64 array of step numbers, newest first (a step recorded by several of
+          ``run_ids`` or pipelines appears once per row; the newest ``limit`` rows of
+          all of them).
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"StoreReader.steps_with: limit must be an int >= 1, got {limit!r}")
+        found: list[int] = []
+        for run_id in {int(i) for i in run_ids}:  # one index walk per run: no sort of a run
+            found += [
+                r[0]
+                for r in self._query(
+                    "SELECT step FROM steps WHERE run_id = ? AND layout_id IN"
+                    " (SELECT ls.layout_id FROM layout_series AS ls JOIN series AS s"
+                    " ON s.id = ls.series_id WHERE s.run_id = ? AND s.key = ?)"
+                    " ORDER BY step DESC LIMIT ?",
+                    (run_id, run_id, key, limit),
+                )
+            ]
+        return np.array(sorted(found, reverse=True)[:limit], dtype=np.int64)
+
+    def step_values(
+        self, run_ids: Iterable[int], step: int
+    ) -> list[tuple[int, str, dict[str, float]]]:
+        """Every stored row at exactly ``step`` as ``(run_id, pipeline, values)``.
+
+        One index look-up on ``(run_id, step)``, one packed row decoded per match;
+        values as recorded (NaN included), in write order.
+        """
+        ids = _ids(run_ids)
+        rows = self._query(
+            f"SELECT run_id, pipeline, layout_id, vals FROM steps"
+            f" WHERE run_id IN ({ids}) AND step = ? ORDER BY id",
+            (int(step),),
+        )
+        out = []
+        for run_id, pipeline, layout_id, blob in rows:
+            names = self._layout_keys(layout_id)
+            values = _packed.decode_values(blob, len(names))
+            out.append((run_id, pipeline, dict(zip(names, values.tolist(), strict=True))))
+        return out
+
+    def _layout_keys(self, layout_id: int) -> list[str]:
+        """Keys of a layout, in ``vals`` order (cached: layouts never change)."""
+        names = self._layout_names.get(layout_id)
+        if names is None:
+            names = self._layout_names[layout_id] = [
+                k
+                for (k,) in self._query(
+                    "SELECT s.key FROM layout_series AS ls JOIN series AS s"
+                    " ON s.id = ls.series_id WHERE ls.layout_id = ? ORDER BY ls.idx",
+                    (layout_id,),
+                )
+            ]
+        return names
+
     def _layout_sids(self, layout_id: int) -> np.ndarray:
         """Series ids of a layout, in ``vals`` order (cached: layouts never change)."""
         sids = self._layouts.get(layout_id)
@@ -365,19 +433,9 @@ class StoreReader:
             " WHERE r.name = ? AND r.process = ? ORDER BY st.id",
             (run, process),
         )
-        keys: dict[int, list[str]] = {}
         out: list[tuple[int, str, dict[str, float]]] = []
         for step, pipeline, layout_id, blob in rows:
-            names = keys.get(layout_id)
-            if names is None:
-                names = keys[layout_id] = [
-                    k
-                    for (k,) in self._query(
-                        "SELECT s.key FROM layout_series AS ls JOIN series AS s"
-                        " ON s.id = ls.series_id WHERE ls.layout_id = ? ORDER BY ls.idx",
-                        (layout_id,),
-                    )
-                ]
+            names = self._layout_keys(layout_id)
             values = _packed.decode_values(blob, len(names))
             out.append((step, pipeline, dict(zip(names, values.tolist(), strict=True))))
         return out
