@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -54,6 +55,9 @@ Series = dict[tuple[tuple[str, str], ...], dict[float, float]]
 
 _FINITE = "> -Inf < +Inf"
 """PromQL comparison filters that drop NaN and ±Inf samples."""
+
+_SELECTOR = re.compile(r"(penwatch_[a-z_]+\{[^}]*\})")
+"""A metric selector in an expression (to wrap it in a range function)."""
 
 _NONFINITE_ALERT = "NonFinite"
 """The ``alert`` label of non-finite episodes in ``penwatch_alerts_total``."""
@@ -109,8 +113,12 @@ class PrometheusSource:
         """The last finite sample of ``expr`` within the lookback, per series."""
         # a one-second subquery grid: a coarser one can step over all of a short run's
         # samples (its last point precedes them, and staleness markers follow them)
-        window = f"{int(self.lookback)}s:1s"
-        return self.instant(f"last_over_time(({expr} {_FINITE})[{window}])")
+        found = self.instant(f"last_over_time(({expr} {_FINITE})[{int(self.lookback)}s:1s])")
+        if found:
+            return found
+        # A run shorter than a grid step, already marked stale: the raw last samples.
+        raw = _SELECTOR.sub(rf"last_over_time(\1[{int(self.lookback)}s])", expr)
+        return self.instant(f"({raw}) {_FINITE}")
 
     def range(self, expr: str) -> Series:
         """``{labels: {time: value}}`` over the lookback, fetching only what is new."""
