@@ -113,12 +113,15 @@ class PrometheusSource:
         """The last finite sample of ``expr`` within the lookback, per series."""
         # a one-second subquery grid: a coarser one can step over all of a short run's
         # samples (its last point precedes them, and staleness markers follow them)
-        found = self.instant(f"last_over_time(({expr} {_FINITE})[{int(self.lookback)}s:1s])")
+        # The raw last samples first (``last_over_time`` over the lookback: the newest
+        # sample whatever the grid, staleness markers skipped, so a run that just ended or
+        # lasted under a second is read whole) ...
+        raw = _SELECTOR.sub(rf"last_over_time(\1[{int(self.lookback)}s])", expr)
+        found = self.instant(f"({raw}) {_FINITE}")
         if found:
             return found
-        # A run shorter than a grid step, already marked stale: the raw last samples.
-        raw = _SELECTOR.sub(rf"last_over_time(\1[{int(self.lookback)}s])", expr)
-        return self.instant(f"({raw}) {_FINITE}")
+        # ... and when the newest is not finite, the last finite reading on a 1 s grid.
+        return self.instant(f"last_over_time(({expr} {_FINITE})[{int(self.lookback)}s:1s])")
 
     def range(self, expr: str) -> Series:
         """``{labels: {time: value}}`` over the lookback, fetching only what is new."""
