@@ -22,7 +22,6 @@ import numpy as np
 from penwatch.alerts import Alert
 from penwatch.diagnostics import suggested_weight_metrics
 from penwatch.schema import (
-    GRAM,
     LEAF_COUNT_TOTAL,
     LEAF_COUNTS,
     Event,
@@ -171,7 +170,6 @@ class Dispatch:
             raise item.error
         metrics, loss, step = item.payload
         values, reserved, penalties = _host_values(metrics)
-        values.update(_suggestions(values))
         leaf_counts = None
         count = reserved.get(LEAF_COUNT_TOTAL)
         if count is not None:
@@ -186,6 +184,11 @@ class Dispatch:
         else:
             explicit = values.get("base_loss", values.get("loss"))
         layout = layout_of(values, penalties)
+        if layout.gram_keys:  # a diagnostics step (the layout is parsed once per key tuple)
+            suggestions = _suggestions(values)
+            if suggestions:
+                values.update(suggestions)
+                layout = layout_of(values, penalties)
         numbers = tuple(values.values())
         kind = item.kind or (
             "train_step"
@@ -294,8 +297,6 @@ def _suggestions(values: dict[str, float]) -> dict[str, float]:
 
     Advisory: a failure here is logged and leaves the record as it is.
     """
-    if not any(key.startswith(GRAM) for key in values):
-        return {}
     try:
         return suggested_weight_metrics(values)
     except Exception as exc:
