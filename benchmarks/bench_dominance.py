@@ -13,7 +13,6 @@ benchmark itself, not a measurement).
 
 from __future__ import annotations
 
-import itertools
 import os
 import statistics
 import time
@@ -25,30 +24,11 @@ import optax
 
 import penwatch as pw
 from benchmarks._harness import Report, time_interleaved
+from benchmarks._mlp import mlp as _mlp
+from benchmarks._mlp import mlp_params as _mlp_params
+from benchmarks._mlp import nll as _nll
 
 _SMALL = os.environ.get("PENWATCH_BENCH_SMALL") == "1"
-
-
-def _mlp_params(key: jax.Array, sizes: tuple[int, ...]) -> dict[str, jax.Array]:
-    params = {}
-    for i, (m, n) in enumerate(itertools.pairwise(sizes)):
-        key, sub = jax.random.split(key)
-        params[f"w{i}"] = jax.random.normal(sub, (m, n), jnp.float32) / np.sqrt(m)
-        params[f"b{i}"] = jnp.zeros((n,), jnp.float32)
-    return params
-
-
-def _mlp(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
-    n = len(params) // 2
-    for i in range(n):
-        x = x @ params[f"w{i}"] + params[f"b{i}"]
-        if i < n - 1:
-            x = jax.nn.relu(x)
-    return jax.nn.log_softmax(x)
-
-
-def _nll(logp: jax.Array, y: jax.Array) -> jax.Array:
-    return -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
 
 
 def bench_diagnostics_step(report: Report) -> None:

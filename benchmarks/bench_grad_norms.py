@@ -17,14 +17,15 @@
 
 from __future__ import annotations
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import penwatch as pw
 from benchmarks._harness import Report, quick, time_interleaved
+from benchmarks._mlp import mlp as _mlp
+from benchmarks._mlp import mlp_params as _mlp_params
+from benchmarks._mlp import nll as _nll
 
 ELEMENTWISE = frozenset({"l1", "l2", "elastic_net", "entropy", "output_magnitude"})
 """The built-ins whose input-gradient norms have closed forms (SPEC §9)."""
@@ -129,28 +130,6 @@ def _only(pipe: pw.Pipeline, keep: str) -> pw.Pipeline:
         if name != keep:
             pipe = pipe.set_enabled(name, False)
     return pipe
-
-
-def _mlp_params(key: jax.Array, sizes: tuple[int, ...]) -> dict[str, jax.Array]:
-    params = {}
-    for i, (m, n) in enumerate(itertools.pairwise(sizes)):
-        key, sub = jax.random.split(key)
-        params[f"w{i}"] = jax.random.normal(sub, (m, n), jnp.float32) / np.sqrt(m)
-        params[f"b{i}"] = jnp.zeros((n,), jnp.float32)
-    return params
-
-
-def _mlp(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
-    n = len(params) // 2
-    for i in range(n):
-        x = x @ params[f"w{i}"] + params[f"b{i}"]
-        if i < n - 1:
-            x = jax.nn.relu(x)
-    return jax.nn.log_softmax(x)
-
-
-def _nll(logp: jax.Array, y: jax.Array) -> jax.Array:
-    return -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
 
 
 def bench_diagnostics(report: Report) -> None:
