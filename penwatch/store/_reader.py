@@ -186,16 +186,13 @@ class StoreReader:
           Columns in id order; ``loss``, ``total`` and ``duration_seconds`` are NaN where
           not recorded (or NaN).
         """
-        ids = _ids(run_ids)
-        sql = (
-            f"SELECT {', '.join(STEP_COLUMNS)} FROM steps"
-            f" WHERE run_id IN ({ids}) AND id > ? ORDER BY id DESC"
-        )
-        params: tuple[int, ...] = (since_id,)
-        if limit is not None:
-            sql, params = sql + " LIMIT ?", (since_id, limit)
-        rows = self._query(sql, params)
-        table = np.array(rows, dtype=np.float64).reshape(len(rows), len(STEP_COLUMNS))[::-1]
+        sql = f"SELECT {', '.join(STEP_COLUMNS)} FROM steps WHERE run_id = ? AND id > ?"
+        sql += " ORDER BY id DESC" + ("" if limit is None else f" LIMIT {int(limit)}")
+        rows = []  # one walk of the (run_id, id) index per run, newest first: no sort
+        for run_id in sorted({int(i) for i in run_ids}):
+            rows += self._query(sql, (run_id, since_id))
+        table = np.array(rows, dtype=np.float64).reshape(len(rows), len(STEP_COLUMNS))
+        table = table[np.argsort(table[:, 0], kind="stable")][-limit if limit else 0 :]
         out = {}
         for i, name in enumerate(STEP_COLUMNS):
             is_float = name in ("wall_time", "loss", "total", "duration_seconds")
@@ -203,14 +200,19 @@ class StoreReader:
         return out
 
     def step_reports(self, run_ids: Iterable[int], *, limit: int = 20) -> list[dict[str, Any]]:
-        """The latest non-finite reports (``step``, ``run_id``, ``nonfinite``, ``leaves``)."""
-        ids = _ids(run_ids)
-        rows = self._query(
-            f"SELECT run_id, step, report FROM steps WHERE run_id IN ({ids})"
-            f" AND report IS NOT NULL ORDER BY id DESC LIMIT ?",
-            (limit,),
-        )
-        return [{"run_id": r[0], "step": r[1], **json.loads(r[2])} for r in rows]
+        """The latest non-finite reports (``step``, ``run_id``, ``nonfinite``, ``leaves``).
+
+        Walks the partial index of rows holding a report, newest first, per run.
+        """
+        rows = []
+        for run_id in {int(i) for i in run_ids}:
+            rows += self._query(
+                "SELECT id, run_id, step, report FROM steps WHERE run_id = ?"
+                " AND report IS NOT NULL ORDER BY id DESC LIMIT ?",
+                (run_id, int(limit)),
+            )
+        rows = sorted(rows, reverse=True)[:limit]
+        return [{"run_id": r[1], "step": r[2], **json.loads(r[3])} for r in rows]
 
     def events(self, run_ids: Iterable[int], *, since_id: int = 0) -> list[EventRow]:
         """Events of the given runs with ``id > since_id``, oldest first."""
@@ -223,12 +225,22 @@ class StoreReader:
         return [EventRow(*r[:-1], attributes=json.loads(r[-1]) if r[-1] else {}) for r in rows]
 
     def step_span(self, run_ids: Iterable[int]) -> tuple[int, int] | None:
-        """``(first_step, last_step)`` over the given runs, or None when they have no steps."""
-        ids = _ids(run_ids)
-        rows = self._query(f"SELECT min(step), max(step) FROM steps WHERE run_id IN ({ids})")
-        if not rows or rows[0][0] is None:
+        """``(first_step, last_step)`` over the given runs, or None when they have no steps.
+
+        Two look-ups of the ``(run_id, step)`` index per run (one ``min``/``max`` each: SQLite
+        answers a lone ``min`` or ``max`` from the index end).
+        """
+        ends = []
+        for run_id in {int(i) for i in run_ids}:
+            ends += self._query(
+                "SELECT (SELECT min(step) FROM steps WHERE run_id = ?),"
+                " (SELECT max(step) FROM steps WHERE run_id = ?)",
+                (run_id, run_id),
+            )
+        ends = [e for e in ends if e[0] is not None]
+        if not ends:
             return None
-        return int(rows[0][0]), int(rows[0][1])
+        return int(min(e[0] for e in ends)), int(max(e[1] for e in ends))
 
     def values(
         self, run_ids: Iterable[int], *, since_id: int | None = None

@@ -107,6 +107,8 @@ CREATE TABLE IF NOT EXISTS events (
     attributes TEXT);                        -- JSON
 CREATE TABLE IF NOT EXISTS pow2 (e INTEGER PRIMARY KEY, v REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS steps_run_step ON steps (run_id, step);
+CREATE INDEX IF NOT EXISTS steps_run_id ON steps (run_id, id);   -- newest rows of a run
+CREATE INDEX IF NOT EXISTS steps_run_report ON steps (run_id, id) WHERE report IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_run ON events (run_id, id);
 CREATE INDEX IF NOT EXISTS series_run ON series (run_id, id);
 CREATE INDEX IF NOT EXISTS layout_series_series ON layout_series (series_id);
