@@ -229,3 +229,19 @@ def test_injected_nan_end_to_end(tmp_path):
 def test_bad_options(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_find_nonfinite_is_exact_around_its_sum_shortcut():
+    """The shortcut (a finite sum means every value is finite) must never hide a NaN or
+    an Inf, and values whose sum overflows are still all finite."""
+    keys = ["l1", "l1_weighted", "l1_weight", "total"]
+    layout = layout_of(dict.fromkeys(keys, 0.0), ["l1"])
+    assert find_nonfinite((1e308, 1e308, 1e308, -1.0), layout) == ()
+    for bad in (math.nan, math.inf, -math.inf):
+        for i in range(len(keys)):
+            values = [1.0, 2.0, 3.0, 4.0]
+            values[i] = bad
+            (found,) = find_nonfinite(tuple(values), layout)
+            assert found.key == keys[i]
+    found = find_nonfinite((math.inf, -math.inf, 1.0, math.nan), layout)
+    assert [f.key for f in found] == ["l1", "l1_weighted", "total"]

@@ -95,6 +95,22 @@ def test_scalars_equal_per_key_values_and_read_numpy_buffers_too():
     assert jax.device_get(m).scalars() == got
 
 
+def test_scalars_of_every_dtype_group_and_of_replaced_slots_in_key_order():
+    # float, bool, int and bfloat16 groups, keys interleaved across groups, and a merge
+    # that leaves a replaced value unread in its buffer (its offset must be skipped)
+    m = pw.Metrics.pack(
+        {"a": jnp.float32(0.5), "ok": True, "n": jnp.int32(7), "h": jnp.bfloat16(1.5),
+         "b": jnp.float32(-2.0), "bad": False}
+    )  # fmt: skip
+    m = m.merge({"a": jnp.float32(3.0), "c": jnp.float32(4.0)})
+    got = m.scalars()
+    assert list(got) == ["a", "ok", "n", "h", "b", "bad", "c"]
+    assert got == {"a": 3.0, "ok": 1.0, "n": 7.0, "h": 1.5, "b": -2.0, "bad": 0.0, "c": 4.0}
+    assert all(type(v) is float for v in got.values())
+    assert pw.Metrics.pack({"only": 2.5}).scalars() == {"only": 2.5}
+    assert pw.Metrics.pack({"_reserved": jnp.ones(2)}).scalars() == {}
+
+
 def test_item_assignment_and_attribute_changes_are_refused():
     m = pw.Metrics.pack({"a": 1.0})
     with pytest.raises(TypeError):

@@ -6,12 +6,14 @@ the monitor recorded; OpenMetrics scrapes carry the spans' trace ids as exemplar
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import threading
 import urllib.request
 
 import jax
 import jax.numpy as jnp
+import prometheus_client
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -249,3 +251,48 @@ def test_gauges_follow_changing_key_layouts():
     assert sample("penwatch_penalty_grad_norm", "a", "l2", wrt="params") == 3.0 + 4
     assert sample("penwatch_penalty_grad_share", "b", "l2") is None
     sink.close()
+
+
+def test_a_batch_exposes_what_the_same_records_one_by_one_expose():
+    """write_steps merges only each layout's newest record: the exposition must equal
+    that of writing every record in turn (layouts and pipelines interleaved, a NaN step,
+    losses missing on the newest records, durations observed for all)."""
+    from penwatch.store._synthetic import synthetic_record
+
+    records = []
+    for step in range(40):
+        pipe = "b" if step % 5 == 3 else "a"
+        r = synthetic_record(
+            "batch",
+            step,
+            pipeline=pipe,
+            diagnostics=step % 4 == 0,
+            nan=step == 17,
+            penalties=("l1", "l2") if pipe == "a" else ("kl",),
+        )
+        if step >= 37:
+            r = dataclasses.replace(r, loss=None)
+        records.append(r)
+    info = RunInfo("batch", 0, "1", "cpu", 1, 0.0)
+    one, many = pw.sinks.Prometheus(port=None), pw.sinks.Prometheus(port=None)
+    one.open(info)
+    many.open(info)
+    for r in records:
+        one.write_step(r)
+    for start in (0, 7, 8, 29):  # batches of uneven sizes, the last one long
+        many.write_steps(records[start : {0: 7, 7: 8, 8: 29, 29: 40}[start]])
+
+    def exposition(sink: pw.sinks.Prometheus) -> list[str]:
+        return sorted(
+            line
+            for line in prometheus_client.generate_latest(sink.registry).decode().splitlines()
+            if not line.startswith("penwatch_run_info") and "_created" not in line
+        )
+
+    assert exposition(many) == exposition(one)
+    assert (
+        many.registry.get_sample_value("penwatch_loss", {"run": "batch", "process": "0"})
+        == records[36].loss
+    )
+    one.close()
+    many.close()

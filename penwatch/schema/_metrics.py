@@ -351,7 +351,8 @@ class Metrics(Mapping[str, jax.Array]):
           TypeError: called on traced buffers (inside ``jit``).
           ValueError: the buffers are batched (from ``vmap`` or stacking).
         """
-        columns = []
+        values: list[Any] = []
+        sizes = []
         for buf in self._buffers:
             if isinstance(buf, jax.core.Tracer):
                 raise TypeError(
@@ -364,8 +365,11 @@ class Metrics(Mapping[str, jax.Array]):
                     "penwatch.Metrics.scalars: needs unbatched buffers (one value per "
                     f"key), got a buffer of shape {host.shape}; index the batch first"
                 )
-            columns.append(host.tolist())
-        return {k: float(columns[g][p]) for k, g, p in self._structure.scalar_slots}
+            sizes.append(host.shape[0])
+            # float16/32/64 give Python floats; bool, int and bfloat16 go through float64
+            values += (host if host.dtype.kind == "f" else host.astype(np.float64)).tolist()
+        s = self._structure
+        return dict(zip(s.scalar_keys, s.scalar_getter(tuple(sizes))(values), strict=True))
 
     def __repr__(self) -> str:
         s = self._structure

@@ -33,6 +33,8 @@ def find_nonfinite(values: Sequence[float], layout: Layout) -> tuple[NonFinite, 
     Returns:
       One :class:`NonFinite` per non-finite metric, in computation order.
     """
+    if math.isfinite(sum(values)):  # a NaN or Inf anywhere makes the sum non-finite
+        return ()
     bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
     if not bad:
         return ()

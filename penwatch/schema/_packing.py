@@ -5,6 +5,7 @@ builder that concatenates values and columns)."""
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -101,6 +102,7 @@ class _Structure:
     """
 
     __slots__ = (
+        "_getters",
         "_hash",
         "dtypes",
         "groups",
@@ -130,7 +132,22 @@ class _Structure:
         self.scalar_keys = tuple(k for k, _, _ in packed)
         self.unpacked_keys = tuple(k for k, (g, _) in zip(keys, slots, strict=True) if g < 0)
         self.reserved_keys = tuple(k for k in self.unpacked_keys if k.startswith("_"))
+        self._getters: dict[tuple[int, ...], Any] = {}
         self._hash = hash(self._fields())
+
+    def scalar_getter(self, sizes: tuple[int, ...]) -> Any:
+        """A function from the buffers' values laid end to end (a list; buffers of
+        ``sizes`` entries) to the packed values in key order, as a tuple (cached)."""
+        getter = self._getters.get(sizes)
+        if getter is None:
+            offsets = np.cumsum((0, *sizes))
+            flat = [int(offsets[g] + p) for _, g, p in self.scalar_slots]
+            if len(flat) == 1:
+                getter = lambda values, i=flat[0]: (values[i],)  # noqa: E731
+            else:
+                getter = operator.itemgetter(*flat) if flat else lambda values: ()
+            self._getters[sizes] = getter
+        return getter
 
     def _fields(self) -> tuple[Any, ...]:
         return (self.keys, self.slots, self.groups, self.dtypes, self.penalties)

@@ -286,22 +286,29 @@ class Prometheus(Sink):
         return child
 
     def write_step(self, record: StepRecord) -> None:
+        self.write_steps((record,))
+
+    def write_steps(self, records: Sequence[StepRecord]) -> None:
+        """Count and time every record; the gauges take each layout's newest values."""
         if self._metrics is None:
             raise RuntimeError(f"{_FN}: write_step before open")
-        base, child, pipe = self._base, self._child, record.pipeline
-        self._latest.update(record)
-        for nf in record.nonfinite:
-            child("penwatch_nonfinite_total", *base, nf.kind, nf.key).inc()
-        if record.nonfinite or record.leaves:
-            child("penwatch_nonfinite_steps_total", *base).inc()
-        if record.duration_seconds is not None:
-            exemplar = None
-            if record.trace_id:
-                exemplar = {"trace_id": format(record.trace_id, "032x")}
-            child("penwatch_pipeline_compute_duration_seconds", *base, pipe).observe(
-                max(record.duration_seconds, 0.0), exemplar=exemplar
-            )
-        for reason, count in record.dropped.items():
+        if not records:
+            return
+        base, child = self._base, self._child
+        self._latest.update_many(records)
+        for record in records:
+            for nf in record.nonfinite:
+                child("penwatch_nonfinite_total", *base, nf.kind, nf.key).inc()
+            if record.nonfinite or record.leaves:
+                child("penwatch_nonfinite_steps_total", *base).inc()
+            if record.duration_seconds is not None:
+                exemplar = None
+                if record.trace_id:
+                    exemplar = {"trace_id": format(record.trace_id, "032x")}
+                child("penwatch_pipeline_compute_duration_seconds", *base, record.pipeline).observe(
+                    max(record.duration_seconds, 0.0), exemplar=exemplar
+                )
+        for reason, count in records[-1].dropped.items():  # cumulative: the newest says all
             delta = count - self._dropped_seen.get(reason, 0)
             if delta > 0:
                 child("penwatch_telemetry_dropped_total", *base, reason).inc(delta)
@@ -384,30 +391,44 @@ class _Latest:
         self._plans: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {}
         self._seen: dict[str, set[Layout]] = {}
 
-    def update(self, record: StepRecord) -> None:
-        pipe = record.pipeline
+    def update_many(self, records: Sequence[StepRecord]) -> None:
+        """Merge records' values in order. Records of one pipeline and layout carry the
+        same keys, so only the newest of each is merged (in the order of those newest):
+        the same dicts as merging every record, at the cost of one per layout."""
+        newest: dict[tuple[str, Layout], StepRecord] = {}
+        for record in records:
+            key = (record.pipeline, record.layout)
+            newest.pop(key, None)  # re-inserted last: keeps the order of the newest
+            newest[key] = record
         with self._lock:
-            self._run["penwatch_step"] = record.step
-            self._run["penwatch_last_step_timestamp_seconds"] = record.wall_time
-            if record.loss is not None:
-                self._run["penwatch_loss"] = record.loss
-            values = self._values.get(pipe)
-            if values is None:
-                values = self._values[pipe] = {}
-                self._plans[pipe], self._seen[pipe] = {}, set()
-            values.update(record.values)
-            pairs = _pair_cosines(record)
-            values.update(pairs)
-            seen = self._seen[pipe]
-            if record.layout not in seen:
-                if len(seen) >= 256:  # keys that change every step: forget, merge again
-                    seen.clear()
-                seen.add(record.layout)
-                self._plans[pipe].update(_gauge_plan(record.layout))
-                self._plans[pipe].update(
-                    (key, ("penwatch_penalty_pair_cosine", tuple(key.split("\x00")[2:])))
-                    for key in pairs
-                )
+            last = records[-1]
+            self._run["penwatch_step"] = last.step
+            self._run["penwatch_last_step_timestamp_seconds"] = last.wall_time
+            loss = next((r.loss for r in reversed(records) if r.loss is not None), None)
+            if loss is not None:
+                self._run["penwatch_loss"] = loss
+            for record in newest.values():
+                self._merge(record)
+
+    def _merge(self, record: StepRecord) -> None:
+        pipe = record.pipeline
+        values = self._values.get(pipe)
+        if values is None:
+            values = self._values[pipe] = {}
+            self._plans[pipe], self._seen[pipe] = {}, set()
+        values.update(record.values)
+        pairs = _pair_cosines(record)
+        values.update(pairs)
+        seen = self._seen[pipe]
+        if record.layout not in seen:
+            if len(seen) >= 256:  # keys that change every step: forget, merge again
+                seen.clear()
+            seen.add(record.layout)
+            self._plans[pipe].update(_gauge_plan(record.layout))
+            self._plans[pipe].update(
+                (key, ("penwatch_penalty_pair_cosine", tuple(key.split("\x00")[2:])))
+                for key in pairs
+            )
 
     def describe(self) -> list[GaugeMetricFamily]:
         return [GaugeMetricFamily(name, METRICS[name][2]) for name in _LATEST_GAUGES]

@@ -30,6 +30,8 @@ from typing import Any
 
 import jax
 
+from penwatch.schema import Metrics
+
 logger = logging.getLogger("penwatch.telemetry")
 
 __all__ = ["WORKER_NICE", "Intake", "Item", "lower_priority"]
@@ -77,6 +79,7 @@ class Intake:
         self._stopping = False
         self._sealed = False
         self._last_ready_ns = 0
+        self._polling = False  # the ready thread polls (True) or waits to be woken
         self.dropped = 0
         """Records dropped because the queue was full (the oldest went)."""
         self.dropped_steps: list[int] = []
@@ -116,7 +119,8 @@ class Intake:
                 self._drop_oldest()
             self._incoming.append(item)
             self._pending += 1
-            self._cond.notify()
+            if not self._polling or len(self._incoming) == READY_BATCH:
+                self._cond.notify()
         return True
 
     def _drop_oldest(self) -> None:
@@ -193,40 +197,73 @@ class Intake:
 
     def _ready_loop(self) -> None:
         lower_priority()
+        item: Item | None = None
         while True:
             with self._cond:
-                while not self._incoming:
-                    self._cond.wait()
-                item = self._incoming.popleft()
-                if item.marker is None:
-                    self._pending -= 1  # held here: not droppable
-            if item.marker is None:
-                try:
-                    jax.block_until_ready(item.payload)
-                except Exception as exc:  # deleted/donated buffers, a failed computation
-                    item.error = exc
-                ready = time.time_ns()
-                start = max(item.dispatched_at_ns, self._last_ready_ns)
-                item.ready_at_ns, item.device_ns = ready, max(ready - start, 0)
-                self._last_ready_ns = ready
-            with self._cond:
-                if item.marker is None and self._sealed:
-                    self.abandoned += 1  # close gave up on it while it was held here
-                    continue
-                if item.marker is None:
-                    self._pending += 1
-                else:
-                    self._ready_markers += 1
-                if not self._ready:
-                    self._ready_since = time.monotonic()
-                self._ready.append(item)
-                # The dispatcher takes records in batches (fewer wake-ups competing with
-                # the training thread for the GIL): the first record starts the batch's
-                # timer, markers and full batches wake it at once.
-                if item.marker is not None or len(self._ready) in (1, DISPATCH_BATCH):
-                    self._ready_cond.notify()
-            if item.marker == "stop":
-                return
+                if item is not None and self._queue_ready(item):  # waited for unlocked
+                    return
+                # Records already computed are stamped and moved under one lock hold
+                # (no hand-off per record); the first one still computing is taken out
+                # (held here, not droppable) and waited for without the lock.
+                item = None
+                while item is None:
+                    self._await_incoming()
+                    head = self._incoming[0]
+                    if head.marker is None and not _computed(head.payload):
+                        item = self._incoming.popleft()
+                        self._pending -= 1
+                        break
+                    self._incoming.popleft()
+                    if head.marker is None:
+                        self._stamp(head, time.time_ns())
+                        self._pending -= 1
+                    if self._queue_ready(head):
+                        return
+            try:
+                jax.block_until_ready(item.payload)
+            except Exception as exc:  # deleted/donated buffers, a failed computation
+                item.error = exc
+            self._stamp(item, time.time_ns())
+
+    def _await_incoming(self) -> None:
+        """Wait (lock held) until a record or marker is queued.
+
+        A busy ready thread polls every :data:`READY_POLL` seconds and the training thread
+        wakes it only at :data:`READY_BATCH` queued records, so a fast loop costs one
+        hand-off per batch, not one per record; an idle one is woken by the next record.
+        """
+        if not self._incoming and self._polling:
+            self._cond.wait(READY_POLL)
+        while not self._incoming:
+            self._polling = False
+            self._cond.wait()
+        self._polling = True
+
+    def _stamp(self, item: Item, ready: int) -> None:
+        """Device time (SPEC §6): ``r_i - max(d_i, r_{i-1})``."""
+        start = max(item.dispatched_at_ns, self._last_ready_ns)
+        item.ready_at_ns, item.device_ns = ready, max(ready - start, 0)
+        self._last_ready_ns = ready
+
+    def _queue_ready(self, item: Item) -> bool:
+        """Hand a stamped record or a marker to the dispatcher (caller holds the lock);
+        True after the stop marker."""
+        if item.marker is None and self._sealed:
+            self.abandoned += 1  # close gave up on it while it was held here
+            return False
+        if item.marker is None:
+            self._pending += 1
+        else:
+            self._ready_markers += 1
+        if not self._ready:
+            self._ready_since = time.monotonic()
+        self._ready.append(item)
+        # The dispatcher takes records in batches (fewer wake-ups competing with the
+        # training thread for the GIL): the first record starts the batch's timer,
+        # markers and full batches wake it at once.
+        if item.marker is not None or len(self._ready) in (1, DISPATCH_BATCH):
+            self._ready_cond.notify()
+        return item.marker == "stop"
 
     def _dispatch_loop(self) -> None:
         lower_priority()
@@ -275,6 +312,34 @@ class Intake:
         for item in records:
             item.payload = None
 
+
+def _computed(payload: Any) -> bool:
+    """True when every array of a record's payload is ready (``is_ready`` neither
+    blocks nor releases the GIL); False when one is still computing, was deleted, or is
+    a foreign array-like that can only be waited for (``block_until_ready``)."""
+    metrics, loss, step = payload
+    if isinstance(metrics, Metrics) and not metrics.reserved and not metrics.arrays:
+        leaves = [*metrics.buffers, loss, step]  # the common case, without tree walks
+    else:
+        leaves = jax.tree_util.tree_leaves(payload)
+    try:
+        for leaf in leaves:
+            if isinstance(leaf, jax.Array):
+                if not leaf.is_ready():
+                    return False
+            elif hasattr(leaf, "block_until_ready"):
+                return False
+    except Exception:  # a deleted or donated buffer: block_until_ready reports it
+        return False
+    return True
+
+
+READY_POLL = 0.001
+"""Seconds between the busy ready thread's looks at the queue (the most a computed
+record waits to be stamped; a record still computing is waited for, not polled)."""
+
+READY_BATCH = 32
+"""Queued records that wake a polling ready thread at once."""
 
 DISPATCH_BATCH = 64
 """Ready records that wake the dispatcher at once."""
