@@ -32,6 +32,7 @@ from typing import Any, Self
 import jax
 import numpy as np
 
+from penwatch.schema._host import host_copy
 from penwatch.schema._packing import (
     _Builder,
     _check_penalties,
@@ -359,7 +360,7 @@ class Metrics(Mapping[str, jax.Array]):
                     "penwatch.Metrics.scalars: the buffers are traced (inside jit/vmap/"
                     "grad); call it on the host, on the returned metrics"
                 )
-            host = np.asarray(buf)
+            host = host_copy(buf)
             if host.ndim != 1:
                 raise ValueError(
                     "penwatch.Metrics.scalars: needs unbatched buffers (one value per "
