@@ -13,6 +13,8 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 
+import numpy as np
+
 from penwatch.schema import StepRecord, find_nonfinite, layout_of
 
 DEFAULT_PENALTIES: tuple[str, ...] = ("l1", "l2", "entropy", "orthogonality")
@@ -64,7 +66,9 @@ def synthetic_values(
         values[f"{first}_finite"] = 0.0
         values["total"] = math.nan
         values["loss"] = math.inf
-    return values
+    # rounded to float32, as a device computes them (the store keeps such rows at 4 bytes
+    # per value)
+    return dict(zip(values, np.array(list(values.values()), np.float32).tolist(), strict=True))
 
 
 def synthetic_record(

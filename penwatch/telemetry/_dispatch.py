@@ -32,6 +32,7 @@ from penwatch.schema import (
     layout_of,
     leaf_reports,
 )
+from penwatch.schema._host import host_copy
 from penwatch.sinks import Sink
 from penwatch.telemetry._delivery import SinkWorker
 from penwatch.telemetry._gaps import Gap
@@ -317,15 +318,15 @@ def _materialize(tree: Any) -> Any:
     """Host copies of a pytree's arrays, in one go.
 
     On accelerators: one ``jax.device_get`` of the whole tree (all transfers started
-    together). On the CPU backend the arrays already live in host memory and
-    ``np.asarray`` is a zero-copy view; ``device_get``'s per-array asynchronous copy
-    bookkeeping would cost ~20x more worker CPU.
+    together). On the CPU backend each array is copied by address
+    (:func:`~penwatch.schema._host.host_copy`): ``np.asarray`` and ``device_get`` release
+    the GIL inside jaxlib, a hand-off to the training thread per array.
     """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     first = next((leaf for leaf in leaves if isinstance(leaf, jax.Array)), None)
     if first is not None and any(d.platform != "cpu" for d in first.devices()):
         return jax.device_get(tree)
-    host = [np.asarray(leaf) if isinstance(leaf, jax.Array) else leaf for leaf in leaves]
+    host = [host_copy(leaf) if isinstance(leaf, jax.Array) else leaf for leaf in leaves]
     return jax.tree_util.tree_unflatten(treedef, host)
 
 
