@@ -210,7 +210,6 @@ class Monitor:
         )
         if self._intake.put(item):
             self._recorded += 1
-            self._intake.release()
         else:
             self._refused += 1
             if self._refused == 1:
@@ -381,7 +380,6 @@ def _shutdown(intake: Intake, dispatch: Dispatch, status: RunStatus, timeout: fl
     done = intake.stop(_left(deadline))
     if not done:
         intake.seal()
-    intake.release_all()
     closing = [w.begin_close(status) for w in dispatch.workers]
     for worker, finished in zip(dispatch.workers, closing, strict=True):
         if not finished.wait(_left(deadline)):
