@@ -385,3 +385,24 @@ def test_leaf_counts_are_one_array_per_tree_and_read_as_a_mapping():
     assert isinstance(host, LeafCounts) and isinstance(host.counts, np.ndarray)
     assert sorted(host.rows()) == [("['b']", 0, 0), ("['w']", 1, 1)]
     assert LeafCounts.pack({}).counts.shape == (0, 2)
+
+
+def test_computed_records_are_stamped_within_a_poll_not_held_for_a_batch():
+    """docs/telemetry.md: while records keep coming the ready thread looks every
+    READY_POLL (1 ms) instead of being woken per record, so a record already computed is
+    stamped ~1 ms late at most — it never waits for READY_BATCH records to pile up (at the
+    pace below, 32 records take ≈ 64 ms)."""
+    from penwatch.telemetry._intake import READY_BATCH, READY_POLL
+
+    records, _, sink = _collect()
+    with pw.Monitor("poll", sinks=[sink], alerts=[]) as monitor:
+        for i in range(120):
+            due = time.perf_counter() + 0.002
+            monitor.record(i, _pipeline_metrics(float(i)))  # host floats: computed at once
+            while time.perf_counter() < due:  # pace one record per 2 ms
+                pass
+    assert len(records) == 120
+    late = sorted((r.ready_at_ns - r.dispatched_at_ns) / 1e9 for r in records)
+    median = late[len(late) // 2]
+    assert median < 5 * READY_POLL, f"median stamp delay {1e3 * median:.2f} ms"
+    assert median < READY_BATCH * 0.002 / 4

@@ -189,10 +189,12 @@ class StoreReader:
         sql = f"SELECT {', '.join(STEP_COLUMNS)} FROM steps WHERE run_id = ? AND id > ?"
         sql += " ORDER BY id DESC" + ("" if limit is None else f" LIMIT {int(limit)}")
         rows = []  # one walk of the (run_id, id) index per run, newest first: no sort
-        for run_id in sorted({int(i) for i in run_ids}):
+        for run_id in _distinct(run_ids):
             rows += self._query(sql, (run_id, since_id))
         table = np.array(rows, dtype=np.float64).reshape(len(rows), len(STEP_COLUMNS))
-        table = table[np.argsort(table[:, 0], kind="stable")][-limit if limit else 0 :]
+        table = table[np.argsort(table[:, 0], kind="stable")]
+        if limit is not None:
+            table = table[len(table) - min(limit, len(table)) :]
         out = {}
         for i, name in enumerate(STEP_COLUMNS):
             is_float = name in ("wall_time", "loss", "total", "duration_seconds")
@@ -205,7 +207,7 @@ class StoreReader:
         Walks the partial index of rows holding a report, newest first, per run.
         """
         rows = []
-        for run_id in {int(i) for i in run_ids}:
+        for run_id in _distinct(run_ids):
             rows += self._query(
                 "SELECT id, run_id, step, report FROM steps WHERE run_id = ?"
                 " AND report IS NOT NULL ORDER BY id DESC LIMIT ?",
@@ -231,7 +233,7 @@ class StoreReader:
         answers a lone ``min`` or ``max`` from the index end).
         """
         ends = []
-        for run_id in {int(i) for i in run_ids}:
+        for run_id in _distinct(run_ids):
             ends += self._query(
                 "SELECT (SELECT min(step) FROM steps WHERE run_id = ?),"
                 " (SELECT max(step) FROM steps WHERE run_id = ?)",
@@ -314,7 +316,7 @@ class StoreReader:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"StoreReader.steps_with: limit must be an int >= 1, got {limit!r}")
         found: list[int] = []
-        for run_id in {int(i) for i in run_ids}:  # one index walk per run: no sort of a run
+        for run_id in _distinct(run_ids):  # one index walk per run: no sort of a run
             found += [
                 r[0]
                 for r in self._query(
@@ -465,6 +467,11 @@ def verdict(status: str, updated_at: float, *, now: float, stale_after: float) -
     if status == "running" and now - updated_at > stale_after:
         return "crashed"
     return status
+
+
+def _distinct(run_ids: Iterable[int]) -> list[int]:
+    """The run ids, validated as ints, each once, in order (read one run at a time)."""
+    return sorted({int(i) for i in run_ids})
 
 
 def _ids(run_ids: Iterable[int] | Mapping[int, Any]) -> str:
