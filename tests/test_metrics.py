@@ -82,6 +82,10 @@ def test_reserved_and_non_scalar_values_stay_unpacked():
     assert set(m.arrays) == {"pairwise_cosine"} and m["pairwise_cosine"] is cos
     assert m.scalars() == {"loss": 1.0}
     assert len(m.buffers) == 1
+    assert not m.packed_only
+    assert pw.Metrics.pack({"loss": 1.0, "ok": True}).packed_only
+    assert not pw.Metrics.pack({"loss": 1.0, "_r": 1}).packed_only
+    assert not pw.Metrics.pack({"loss": 1.0, "m": jnp.ones(2)}).packed_only
 
 
 def test_scalars_equal_per_key_values_and_read_numpy_buffers_too():
@@ -109,6 +113,39 @@ def test_scalars_of_every_dtype_group_and_of_replaced_slots_in_key_order():
     assert all(type(v) is float for v in got.values())
     assert pw.Metrics.pack({"only": 2.5}).scalars() == {"only": 2.5}
     assert pw.Metrics.pack({"_reserved": jnp.ones(2)}).scalars() == {}
+
+
+def test_scalar_rows_of_many_equal_their_scalars_for_every_dtype_group():
+    # the dispatcher's batch read: every dtype group, a replaced slot, NaN/Inf, float16
+    def make(i: int) -> pw.Metrics:
+        m = pw.Metrics.pack(
+            {"a": jnp.float32(0.5 * i), "ok": i % 2 == 0, "n": jnp.int32(i),
+             "h": jnp.bfloat16(1.5 + i), "f16": jnp.float16(0.1 * i),
+             "b": jnp.float32([np.nan, np.inf, -2.0][i % 3]), "bad": False},
+            penalties=["a"],
+        )  # fmt: skip
+        return m.merge({"a": jnp.float32(3.0 + i), "c": jnp.float32(1e-7 * i)})
+
+    many = [make(i) for i in range(7)]
+    rows = pw.Metrics.scalar_rows(many)
+    for m, row in zip(many, rows, strict=True):
+        assert isinstance(row, tuple) and all(type(v) is float for v in row)
+        want = list(m.scalars().values())
+        np.testing.assert_array_equal(row, want)  # bit for bit, NaN included
+    only_float = [pw.Metrics.pack({"x": jnp.float32(i / 3)}) for i in range(3)]
+    assert pw.Metrics.scalar_rows(only_float) == [(m.scalars()["x"],) for m in only_float]
+    assert pw.Metrics.scalar_rows([]) == []
+    host = [jax.device_get(m) for m in many[:2]]  # NumPy buffers read the same way
+    np.testing.assert_array_equal(pw.Metrics.scalar_rows(host), rows[:2])
+
+
+def test_scalar_rows_refuses_mixed_structures_and_batched_buffers():
+    a, b = pw.Metrics.pack({"x": 1.0}), pw.Metrics.pack({"y": 1.0})
+    with pytest.raises(ValueError, match="differ in structure"):
+        pw.Metrics.scalar_rows([a, b])
+    batched = jax.vmap(lambda v: pw.Metrics.pack({"x": v}))(jnp.arange(3.0))
+    with pytest.raises(ValueError, match="unbatched"):
+        pw.Metrics.scalar_rows([batched, batched])
 
 
 def test_item_assignment_and_attribute_changes_are_refused():

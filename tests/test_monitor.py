@@ -406,3 +406,82 @@ def test_computed_records_are_stamped_within_a_poll_not_held_for_a_batch():
     median = late[len(late) // 2]
     assert median < 5 * READY_POLL, f"median stamp delay {1e3 * median:.2f} ms"
     assert median < READY_BATCH * 0.002 / 4
+
+
+def _items(metrics: list, **kw) -> list:
+    from penwatch.telemetry._intake import Item
+
+    return [
+        Item(payload=(m, None, i), step=i, wall_time=100.0 + i, dispatched_at_ns=10 * i,
+             ready_at_ns=10 * i + 5, device_ns=5 + i, **kw)
+        for i, m in enumerate(metrics)
+    ]  # fmt: skip
+
+
+def test_runs_of_packed_records_are_built_together_exactly_as_one_by_one():
+    """The dispatcher reads a run of packed-only Metrics of one structure with one
+    conversion (Metrics.scalar_rows); every field of every record equals the record
+    built alone, NaN/Inf reports and kinds included, across structure changes."""
+    from penwatch.schema import RunInfo
+    from penwatch.telemetry._dispatch import Dispatch
+
+    pipe = pw.pipeline([("l1", 0.1), ("l2", 0.2)])
+    step = jax.jit(lambda x: pipe.compute(x)[1].merge({"base_loss": jnp.sum(x)}))
+    xs = [jnp.full(3, v) for v in (1.0, np.nan, 2.0, np.inf, -1.0)]
+    trained = [step(x) for x in xs]  # train-step-like: base_loss present
+    plain = [pipe.compute(x)[1] for x in xs[:3]]  # another structure: pipeline_compute
+    items = _items(trained + plain + trained[:2])
+    dispatch = Dispatch(RunInfo("r", 0, "v", "cpu", 1, 0.0), [], [], max_leaves=5)
+    together = list(dispatch._records(items))
+    alone = [dispatch.build(item) for item in items]
+    assert repr(together) == repr(alone)  # every field; repr: NaN equals NaN, floats exact
+    assert [r.kind for r in together] == ["train_step"] * 5 + ["pipeline_compute"] * 3 + [
+        "train_step"
+    ] * 2
+    assert together[1].nonfinite and together[1].loss != together[1].loss  # NaN base loss
+    assert together[3].nonfinite[0].kind == "inf"
+    assert together[0].loss == pytest.approx(3.0)
+    explicit = _items(trained[:3], kind="custom")
+    assert [r.kind for r in dispatch._records(explicit)] == ["custom"] * 3
+
+
+def test_dispatched_buffers_are_deleted_only_when_the_monitor_holds_them_alone():
+    """Freeing a device array releases the GIL inside jaxlib (a hand-off per buffer on
+    the dispatch thread); the dispatcher deletes the packed buffers it holds alone with
+    Array.delete() instead, and never touches what the user still references."""
+    from penwatch.telemetry._intake import _release
+
+    def fresh() -> pw.Metrics:
+        return pw.Metrics.pack({"a": jnp.float32(1.0), "ok": jnp.bool_(True)})
+
+    assert _release((fresh(), None, 0)) == 2  # nobody else holds them: both deleted
+    kept = fresh()
+    assert _release((kept, None, 0)) == 0  # the user's Metrics
+    assert kept.scalars() == {"a": 1.0, "ok": 1.0}
+    m = fresh()
+    buffers = m.buffers
+    del m
+    assert _release((pw.Metrics.pack({"x": 1.0}), None, 0)) == 1
+    payload = (buffers and fresh(), None, 0)
+    assert _release(payload) == 2
+    one = fresh()
+    first = one.buffers[0]
+    payload = (one, None, 0)
+    del one
+    assert _release(payload) == 1  # the buffer kept by the user stays
+    assert not first.is_deleted() and float(first[0]) == 1.0
+    assert _release(({"a": jnp.float32(1.0)}, None, 0)) == 0  # plain mappings: as usual
+
+    # end to end: a monitor deletes what the training loop let go, and nothing it kept
+    records, _, sink = _collect()
+    held = []
+    with pw.Monitor("release", sinks=[sink], alerts=[]) as monitor:
+        for i in range(50):
+            m = fresh()
+            if i % 10 == 0:
+                held.append(m)
+            monitor.record(i, m)
+            del m
+    assert len(records) == 50
+    assert monitor._intake.released == 2 * 45
+    assert all(h.scalars() == {"a": 1.0, "ok": 1.0} for h in held)

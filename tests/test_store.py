@@ -136,9 +136,12 @@ def test_incremental_reads_return_only_new_rows(tmp_path):
     w.close()
 
 
-def test_rollups_equal_an_independent_numpy_aggregation(tmp_path):
+@pytest.mark.parametrize("writers", [1, 2])
+def test_rollups_equal_an_independent_numpy_aggregation(tmp_path, writers):
     path = tmp_path / "s.db"
     # Several flushes, so buckets are merged across transactions; NaN, Inf and a spike.
+    # With two writers the second (a resumed run: nothing cached) fills the odd steps
+    # below 1000 into buckets the first stored, backwards, then the steps after 1000.
     records = list(
         synthetic_run(
             "r",
@@ -149,7 +152,13 @@ def test_rollups_equal_an_independent_numpy_aggregation(tmp_path):
             diagnostics=False,
         )
     )
-    _write(path, records, batch_size=97)
+    if writers == 1:
+        _write(path, records, batch_size=97)
+    else:
+        first = [r for r in records if r.step < 1000 and r.step % 2 == 0]
+        second = [r for r in records if r.step < 1000 and r.step % 2][::-1]
+        _write(path, first, batch_size=97)
+        _write(path, second + [r for r in records if r.step >= 1000], batch_size=97)
     reader = store.StoreReader(path)
     run_id = reader.runs()[0].id
     series = {s.key: s.id for s in reader.series([run_id])}
@@ -317,3 +326,36 @@ def test_dashboard_reads_walk_an_index_and_never_sort_or_scan_a_run(tmp_path):
         plan = " | ".join(row[3] for row in reader._conn.execute("EXPLAIN QUERY PLAN " + sql))
         assert "SCAN steps" not in plan and "TEMP B-TREE" not in plan, (sql, plan)
     reader.close()
+
+
+@pytest.mark.parametrize("limit", [None, 7])
+def test_insert_rows_keeps_order_in_few_statements(limit):
+    """The writer inserts a batch with multi-row VALUES statements (sqlite3 releases the
+    GIL around each statement: executemany would give it up once per row)."""
+    from penwatch.store._rows import MAX_ROWS_PER_STATEMENT, insert_rows
+
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    if limit is not None:
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, limit)  # 3 rows of 2 fit
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, a INTEGER, b TEXT)")
+    conn.execute("CREATE UNIQUE INDEX t_a ON t (a)")
+    statements = []
+    conn.set_trace_callback(statements.append)
+    total = 0
+    for n in (0, 1, 2, 3, 255, 256, 257, 600):
+        statements.clear()
+        rows = [(total + i, f"r{total + i}") for i in range(n)]
+        insert_rows(conn, "INSERT INTO t (a, b) VALUES", rows)
+        total += n
+        per = 2 if limit else MAX_ROWS_PER_STATEMENT
+        assert len(statements) <= n // per + per.bit_length(), (n, len(statements))
+    got = conn.execute("SELECT a, b FROM t ORDER BY id").fetchall()
+    assert got == [(i, f"r{i}") for i in range(total)]
+    insert_rows(  # an upsert tail
+        conn, "INSERT INTO t (a, b) VALUES", [(0, "x"), (total, "y")],
+        tail="ON CONFLICT (a) DO UPDATE SET b = excluded.b",
+    )  # fmt: skip
+    assert conn.execute("SELECT b FROM t WHERE a IN (0, ?) ORDER BY a", (total,)).fetchall() == [
+        ("x",),
+        ("y",),
+    ]

@@ -325,6 +325,12 @@ class Metrics(Mapping[str, jax.Array]):
         return self._buffers
 
     @property
+    def packed_only(self) -> bool:
+        """True when every entry is a packed scalar (no reserved entries, no arrays):
+        :attr:`buffers` then hold all of it."""
+        return not self._unpacked
+
+    @property
     def reserved(self) -> Mapping[str, Any]:
         """The reserved (``_``-prefixed, not metric) entries, unpacked, in key order."""
         s = self._structure
@@ -371,6 +377,51 @@ class Metrics(Mapping[str, jax.Array]):
             values += (host if host.dtype.kind == "f" else host.astype(np.float64)).tolist()
         s = self._structure
         return dict(zip(s.scalar_keys, s.scalar_getter(tuple(sizes))(values), strict=True))
+
+    @classmethod
+    def scalar_rows(cls, many: Sequence[Metrics]) -> list[tuple[float, ...]]:
+        """The packed values of many ``Metrics`` of one structure, one tuple per item.
+
+        Each tuple equals ``tuple(m.scalars().values())`` (key order, Python floats),
+        but the buffers of all items are converted together: one host copy per buffer,
+        then one NumPy conversion per dtype group for the whole batch. For the monitor's
+        dispatcher, which reads every recorded step this way.
+
+        Raises:
+          ValueError: the items do not share one structure (keys, dtypes, penalties), or a
+            buffer is batched.
+          TypeError: a buffer is traced (inside ``jit``).
+          RuntimeError: a buffer was deleted or donated.
+        """
+        if not many:
+            return []
+        structure = many[0]._structure
+        if any(m._structure != structure for m in many):
+            raise ValueError("penwatch.Metrics.scalar_rows: the items differ in structure")
+        blocks = []
+        for group in range(len(many[0]._buffers)):
+            hosts = []
+            for m in many:
+                buf = m._buffers[group]
+                if isinstance(buf, jax.core.Tracer):
+                    raise TypeError("penwatch.Metrics.scalar_rows: the buffers are traced")
+                hosts.append(host_copy(buf))
+            block = np.stack(hosts)
+            if block.ndim != 2:
+                raise ValueError(
+                    "penwatch.Metrics.scalar_rows: needs unbatched buffers (one value per "
+                    f"key), got buffers of shape {block.shape[1:]}"
+                )
+            blocks.append(block)
+        sizes = tuple(b.shape[1] for b in blocks)
+        getter = structure.scalar_getter(sizes)
+        # float16/32/64 convert to Python floats exactly; bool, int and bfloat16 through
+        # float64, as scalars() does
+        if len(blocks) == 1 and blocks[0].dtype.kind == "f":
+            flat = blocks[0].tolist()
+        else:
+            flat = np.concatenate([b.astype(np.float64) for b in blocks], axis=1).tolist()
+        return [getter(row) for row in flat]
 
     def __repr__(self) -> str:
         s = self._structure

@@ -34,7 +34,7 @@ import numpy as np
 from penwatch.schema import RUN_STATUSES, Event, RunInfo, StepRecord
 from penwatch.store import _packed
 from penwatch.store._packed import STEP_KEYS
-from penwatch.store._rows import key_parts, step_row
+from penwatch.store._rows import insert_rows, key_parts, step_row
 from penwatch.store._schema import ROLLUP_WIDTHS, StoreUnavailableError, writer_connection
 
 logger = logging.getLogger(__name__)
@@ -360,10 +360,10 @@ class StoreWriter:
             for i, blob in zip(positions, _packed.encode_values(values), strict=True):
                 blobs[i] = blob
             self._write_rollups(conn, layout_id, members, [step_rows[i] for i in positions], values)
-        conn.executemany(  # in write order: readers take steps by id
-            "INSERT INTO steps (run_id, step, pipeline, wall_time, loss, total, duration_seconds,"
-            " nonfinite, trace_id, report, layout_id, vals)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        insert_rows(  # in write order: readers take steps by id
+            conn,
+            "INSERT INTO steps (run_id, step, pipeline, wall_time, loss, total,"
+            " duration_seconds, nonfinite, trace_id, report, layout_id, vals) VALUES",
             [(*row, blob) for row, blob in zip(step_rows, blobs, strict=True)],
         )
         for run_id, (step, wall) in last_step.items():
@@ -393,40 +393,38 @@ class StoreWriter:
         order = np.argsort(steps, kind="stable")
         steps, entries, present = steps[order], entries[order], present[order]
         for width in ROLLUP_WIDTHS:
-            for bucket, part in _packed.bucket_sums(steps, entries, present, width):
-                self._write_bucket(conn, layout_id, width, bucket, part)
+            parts = _packed.bucket_sums(steps, entries, present, width)
+            held = self._buckets.get((layout_id, width))
+            stored = self._stored_buckets(conn, layout_id, width, parts[0][0], parts[-1][0])
+            rows = []
+            for bucket, part in parts:
+                old = held[1] if held is not None and held[0] == bucket else stored.get(bucket)
+                merged = part if old is None else _packed.merge_bucket(old, part)
+                rows.append((layout_id, width, bucket, *_packed.encode_bucket(merged)))
+            # the open bucket (the batch's last) is kept here: read from the file once
+            self._buckets[(layout_id, width)] = (parts[-1][0], merged)
+            insert_rows(
+                conn,
+                "INSERT INTO rollups (layout_id, width, bucket, step_lo, step_hi, n, n_nan,"
+                " n_inf, vmin, vmax, vsum) VALUES",
+                rows,
+                tail="ON CONFLICT (layout_id, width, bucket) DO UPDATE SET"
+                " step_lo = excluded.step_lo, step_hi = excluded.step_hi, n = excluded.n,"
+                " n_nan = excluded.n_nan, n_inf = excluded.n_inf, vmin = excluded.vmin,"
+                " vmax = excluded.vmax, vsum = excluded.vsum",
+            )
 
-    def _write_bucket(
-        self,
-        conn: sqlite3.Connection,
-        layout_id: int,
-        width: int,
-        bucket: int,
-        part: dict[str, Any],
-    ) -> None:
-        """Merge a batch's part of one bucket into the stored bucket (the open bucket of
-        each layout and width is kept here, so it is read from the file only once)."""
-        held = self._buckets.get((layout_id, width))
-        if held is not None and held[0] == bucket:
-            old = held[1]
-        else:
-            row = conn.execute(
-                "SELECT step_lo, step_hi, n, n_nan, n_inf, vmin, vmax, vsum FROM rollups"
-                " WHERE layout_id = ? AND width = ? AND bucket = ?",
-                (layout_id, width, bucket),
-            ).fetchone()
-            old = None if row is None else _packed.decode_bucket(row)
-        merged = part if old is None else _packed.merge_bucket(old, part)
-        self._buckets[(layout_id, width)] = (bucket, merged)
-        conn.execute(
-            "INSERT INTO rollups (layout_id, width, bucket, step_lo, step_hi, n, n_nan, n_inf,"
-            " vmin, vmax, vsum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (layout_id, width, bucket) DO UPDATE SET step_lo = excluded.step_lo,"
-            " step_hi = excluded.step_hi, n = excluded.n, n_nan = excluded.n_nan,"
-            " n_inf = excluded.n_inf, vmin = excluded.vmin, vmax = excluded.vmax,"
-            " vsum = excluded.vsum",
-            (layout_id, width, bucket, *_packed.encode_bucket(merged)),
-        )
+    def _stored_buckets(
+        self, conn: sqlite3.Connection, layout_id: int, width: int, lo: int, hi: int
+    ) -> dict[int, dict[str, Any]]:
+        """The stored buckets ``lo..hi`` of one layout and width (one query; none when the
+        run is new, some when it resumed over steps it had written before)."""
+        rows = conn.execute(
+            "SELECT bucket, step_lo, step_hi, n, n_nan, n_inf, vmin, vmax, vsum FROM rollups"
+            " WHERE layout_id = ? AND width = ? AND bucket BETWEEN ? AND ?",
+            (layout_id, width, lo, hi),
+        ).fetchall()
+        return {row[0]: _packed.decode_bucket(row[1:]) for row in rows}
 
     def _layout_id(self, conn: sqlite3.Connection, run_id: int, record: StepRecord) -> int:
         """The stored layout of a record's keys (registered once per run and pipeline)."""

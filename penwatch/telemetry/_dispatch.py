@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -120,10 +120,7 @@ class Dispatch:
         lock per sink per batch: fewer hand-offs competing with training for the GIL)."""
         out: list[StepRecord | Event] = []
         records = 0
-        for item in items:
-            record = self._record(item)
-            if record is None:
-                continue
+        for record in self._records(items):
             events = self._drop_events(record) + self.evaluate(record)
             trace_id = None
             for worker in self._tracers:
@@ -147,6 +144,70 @@ class Dispatch:
             self.processed += records
             for worker in self.workers:
                 worker.put_many(out)
+
+    def _records(self, items: list[Item]) -> Iterator[StepRecord]:
+        """The records of a batch, in order. Runs of packed-only ``Metrics`` of one
+        structure are read and converted together (:meth:`Metrics.scalar_rows`); any
+        other item, and a run that cannot be read that way, is built alone."""
+        run: list[Item] = []
+        for item in items:
+            if _packed_only(item):
+                if run and run[0].payload[0]._structure != item.payload[0]._structure:
+                    yield from self._build_run(run)
+                    run = []
+                run.append(item)
+                continue
+            if run:
+                yield from self._build_run(run)
+                run = []
+            record = self._record(item)
+            if record is not None:
+                yield record
+        if run:
+            yield from self._build_run(run)
+
+    def _build_run(self, run: list[Item]) -> Iterator[StepRecord]:
+        first: Metrics = run[0].payload[0]
+        keys, penalties = first.scalar_keys, first.penalties
+        try:
+            rows = Metrics.scalar_rows([item.payload[0] for item in run]) if len(run) > 1 else ()
+        except Exception:  # e.g. one donated buffer: each item alone, its error counted
+            rows = ()
+        if not rows:
+            for item in run:
+                record = self._record(item)
+                if record is not None:
+                    yield record
+            return
+        layout = layout_of(keys, penalties)
+        if layout.gram_keys:  # weight suggestions are computed per step
+            for item in run:
+                record = self._record(item)
+                if record is not None:
+                    yield record
+            return
+        index = layout.index
+        loss_at = index.get("base_loss", index.get("loss"))
+        kind = "train_step" if "base_loss" in index or layout.terms else "pipeline_compute"
+        dropped = self.losses()
+        info = self.info
+        for item, row in zip(run, rows, strict=True):
+            yield StepRecord(
+                run=info.run,
+                process=info.process,
+                step=item.payload[2],
+                pipeline=item.pipeline,
+                wall_time=item.wall_time,
+                values=dict(zip(keys, row, strict=True)),
+                layout=layout,
+                loss=None if loss_at is None else row[loss_at],
+                duration_seconds=None if item.device_ns is None else item.device_ns / 1e9,
+                nonfinite=find_nonfinite(row, layout),
+                kind=item.kind or kind,  # type: ignore[arg-type]
+                dispatched_at_ns=item.dispatched_at_ns,
+                ready_at_ns=item.ready_at_ns,
+                dropped=dropped,
+            )
 
     def _record(self, item: Item) -> StepRecord | None:
         try:
@@ -255,6 +316,15 @@ class _NoLock:
 
 
 _NO_LOCK = _NoLock()
+
+
+def _packed_only(item: Item) -> bool:
+    """An item whose record needs no per-item work: a packed-only ``Metrics``, no
+    separate loss, an int step."""
+    if item.error is not None:
+        return False
+    metrics, loss, step = item.payload
+    return type(metrics) is Metrics and metrics.packed_only and loss is None and type(step) is int
 
 
 def _with_trace(record: StepRecord, trace_id: int) -> StepRecord:
