@@ -167,3 +167,28 @@ def test_store_takes_at_most_half_a_kilobyte_per_step_at_40_metrics(tmp_path):
     per_step = path.stat().st_size / steps
     print(f"store: {per_step:.0f} bytes per step at 40 metrics")
     assert per_step <= 512, per_step
+
+
+def test_coarser_rollups_combined_from_finer_equal_direct_aggregation():
+    """The writer aggregates a batch at the finest width and combines each coarser width
+    from the one below; that equals aggregating the steps directly (sums up to order)."""
+    from penwatch.store._schema import ROLLUP_WIDTHS
+
+    assert all(b % a == 0 for a, b in zip(ROLLUP_WIDTHS, ROLLUP_WIDTHS[1:], strict=False))
+    rng = np.random.default_rng(0)
+    steps = np.sort(rng.choice(5000, size=700, replace=False)).astype(np.int64)
+    entries = rng.normal(size=(700, 5)) * 1e3
+    entries[rng.random(entries.shape) < 0.05] = np.nan
+    entries[rng.random(entries.shape) < 0.03] = np.inf
+    entries[100:400, 2] = np.nan  # a stretch with no finite value in one entry
+    present = rng.random(entries.shape) > 0.1
+    agg = _packed.bucket_sums(steps, entries, present, 16)
+    for fine, coarse in zip((16, 128, 1024), (128, 1024, 8192), strict=True):
+        agg = _packed.coarsen(agg, coarse // fine)
+        want = _packed.bucket_sums(steps, entries, present, coarse)
+        assert set(agg) == set(want)
+        for field in ("bucket", "step_lo", "step_hi", "n", "n_nan", "n_inf", "vmin", "vmax"):
+            np.testing.assert_array_equal(agg[field], want[field], err_msg=(coarse, field))
+        np.testing.assert_allclose(agg["vsum"], want["vsum"], rtol=1e-12, err_msg=coarse)
+        if coarse == 128:
+            assert np.isnan(agg["vsum"][:, 2]).any()  # the empty stretch stays NaN, not 0

@@ -13,6 +13,7 @@ afterwards that the array was not deleted (donated) meanwhile.
 from __future__ import annotations
 
 import ctypes
+import math
 from typing import Any
 
 import jax
@@ -33,15 +34,18 @@ def host_copy(array: Any) -> np.ndarray:
     Raises:
       RuntimeError: the array was deleted or donated (as ``np.asarray`` raises).
     """
+    kind = type(array)
+    if kind not in _ARRAY_TYPES:  # two isinstance checks (an ABC's) once per type
+        if not isinstance(array, jax.Array) or isinstance(array, jax.core.Tracer):
+            return np.asarray(array)
+        _ARRAY_TYPES.add(kind)
     if (
-        isinstance(array, jax.Array)
-        and not isinstance(array, jax.core.Tracer)
-        and not array.is_deleted()  # platform() of a deleted array crashes jaxlib 0.10
+        not array.is_deleted()  # platform() of a deleted array crashes jaxlib 0.10
         and array.platform() == "cpu"
         and array.is_ready()
     ):
-        dtype = array.dtype
-        nbytes = array.size * dtype.itemsize
+        dtype, shape = array.dtype, array.shape
+        nbytes = math.prod(shape) * dtype.itemsize
         try:
             address = array.unsafe_buffer_pointer()  # raises for sharded or deleted arrays
         except Exception:
@@ -50,5 +54,9 @@ def host_copy(array: Any) -> np.ndarray:
             raw = ctypes.string_at(address, nbytes)  # a copy; ctypes keeps the GIL here
             if not array.is_deleted():  # deleted meanwhile: the bytes may be stale
                 out = np.frombuffer(raw, dtype)
-                return out if array.ndim == 1 else out.reshape(array.shape)
+                return out if len(shape) == 1 else out.reshape(shape)
     return np.asarray(array)
+
+
+_ARRAY_TYPES: set[type] = set()
+"""Concrete ``jax.Array`` types seen (jaxlib's ``ArrayImpl``), never a tracer's."""

@@ -152,9 +152,10 @@ CREATE VIEW IF NOT EXISTS metric_rows AS
 
 def bucket_sums(
     steps: np.ndarray, entries: np.ndarray, present: np.ndarray, width: int
-) -> list[tuple[int, dict[str, np.ndarray]]]:
-    """Per-bucket aggregates of sorted steps: ``[(bucket, {n, n_nan, n_inf, vmin, vmax,
-    vsum, step_lo, step_hi})]`` with one array entry per rollup entry.
+) -> dict[str, np.ndarray]:
+    """Per-bucket aggregates of sorted steps, as arrays: ``bucket``, ``step_lo``,
+    ``step_hi`` (one per bucket) and ``n``, ``n_nan``, ``n_inf``, ``vmin``, ``vmax``,
+    ``vsum`` (one row per bucket, one column per rollup entry).
 
     Args:
       steps: ``int64[n]`` steps, ascending.
@@ -178,14 +179,54 @@ def bucket_sums(
     none = np.add.reduceat(finite, starts, axis=0) == 0
     for field in ("vmin", "vmax", "vsum"):
         agg[field][none] = np.nan
-    step_lo = steps[starts]
-    step_hi = steps[np.r_[starts[1:], steps.size] - 1]
+    agg["bucket"] = bucket[starts]
+    agg["step_lo"] = steps[starts]
+    agg["step_hi"] = steps[np.r_[starts[1:], steps.size] - 1]
+    return agg
+
+
+def coarsen(agg: dict[str, np.ndarray], factor: int) -> dict[str, np.ndarray]:
+    """The aggregates of buckets ``factor`` times wider, combined from ``agg`` (sorted
+    buckets of :func:`bucket_sums`): the same numbers, up to the order of the sums.
+
+    The store's widths are multiples of each other, so a batch is aggregated once at the
+    finest width and each coarser width from the one below: NumPy releases the GIL in
+    loops over more than a few hundred elements, a hand-off on a telemetry thread, and the
+    coarser inputs are small.
+    """
+    bucket = agg["bucket"] // factor
+    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+    out = {
+        "bucket": bucket[starts],
+        "step_lo": np.minimum.reduceat(agg["step_lo"], starts),
+        "step_hi": np.maximum.reduceat(agg["step_hi"], starts),
+        "n": np.add.reduceat(agg["n"], starts, axis=0),
+        "n_nan": np.add.reduceat(agg["n_nan"], starts, axis=0),
+        "n_inf": np.add.reduceat(agg["n_inf"], starts, axis=0),
+        "vmin": np.fmin.reduceat(agg["vmin"], starts, axis=0),  # fmin/fmax skip NaN:
+        "vmax": np.fmax.reduceat(agg["vmax"], starts, axis=0),  # a bucket with no finite
+        "vsum": np.add.reduceat(np.nan_to_num(agg["vsum"], nan=0.0), starts, axis=0),
+    }
+    none = out["n"] - out["n_nan"] - out["n_inf"] == 0  # value holds NaN there
+    out["vsum"][none] = np.nan
+    return out
+
+
+def split_buckets(agg: dict[str, np.ndarray]) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """``[(bucket, {n, n_nan, n_inf, vmin, vmax, vsum, step_lo, step_hi})]`` of
+    :func:`bucket_sums` arrays, one entry per bucket (what :func:`merge_bucket` and
+    :func:`encode_bucket` take)."""
+    fields = ("n", "n_nan", "n_inf", "vmin", "vmax", "vsum")
     return [
         (
-            int(bucket[s]),
-            {**{f: a[i] for f, a in agg.items()}, "step_lo": step_lo[i], "step_hi": step_hi[i]},
+            int(b),
+            {
+                **{f: agg[f][i] for f in fields},
+                "step_lo": agg["step_lo"][i],
+                "step_hi": agg["step_hi"][i],
+            },
         )
-        for i, s in enumerate(starts)
+        for i, b in enumerate(agg["bucket"])
     ]
 
 

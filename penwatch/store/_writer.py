@@ -392,8 +392,11 @@ class StoreWriter:
         steps = np.array([r.step for r in members], dtype=np.int64)
         order = np.argsort(steps, kind="stable")
         steps, entries, present = steps[order], entries[order], present[order]
+        agg, last = _packed.bucket_sums(steps, entries, present, ROLLUP_WIDTHS[0]), ROLLUP_WIDTHS[0]
         for width in ROLLUP_WIDTHS:
-            parts = _packed.bucket_sums(steps, entries, present, width)
+            if width != last:  # each coarser width from the one below (small arrays)
+                agg, last = _packed.coarsen(agg, width // last), width
+            parts = _packed.split_buckets(agg)
             held = self._buckets.get((layout_id, width))
             stored = self._stored_buckets(conn, layout_id, width, parts[0][0], parts[-1][0])
             rows = []
