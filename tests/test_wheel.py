@@ -1,9 +1,9 @@
 """The package as a new user gets it (SPEC section 14): build the wheel, install it into a
 fresh virtual environment without extras (``import penwatch`` works, Streamlit is absent,
-a feature needing an extra names it) and into another with ``[dashboard]`` (``penwatch
-dashboard`` answers HTTP 200 and renders in headless Chromium).
+a feature needing an extra names it), then add ``[dashboard]`` as that message says
+(``penwatch dashboard`` answers HTTP 200 and renders in headless Chromium).
 
-Slow (two virtual environments; pip uses its cache and the configured indexes); marked
+Slow (a virtual environment; pip uses its cache and the configured indexes); marked
 ``integration``.
 """
 
@@ -109,17 +109,28 @@ _CORE_CHECK = textwrap.dedent(
 )
 
 
-def test_fresh_venv_without_extras(wheel, tmp_path):
-    py = _venv(tmp_path / "core", str(wheel))
-    out = _run([str(py), "-c", _CORE_CHECK], timeout=300, env=_clean_env(), cwd=tmp_path)
-    assert "MLFLOW: pw.sinks.MLflow needs the 'mlflow' extra" in out.stdout
-    assert "pip install 'penwatch[mlflow]'" in out.stdout
-    assert "TENSORBOARD: pw.sinks.TensorBoard needs the 'tensorboard' extra" in out.stdout
-    assert "RECORDED: 3" in out.stdout
+@pytest.fixture(scope="module")
+def core_venv(wheel, tmp_path_factory) -> tuple[pathlib.Path, str, subprocess.CompletedProcess]:
+    """A fresh venv with the wheel and no extras, checked at once: ``(python, the core
+    check's output, the dashboard command's result)``. The dashboard test then follows
+    the advice the missing extra gives (``pip install 'penwatch[dashboard]'``) in the
+    same venv, so the core needs installing once."""
+    root = tmp_path_factory.mktemp("core")
+    py = _venv(root / "venv", str(wheel))
+    out = _run([str(py), "-c", _CORE_CHECK], timeout=300, env=_clean_env(), cwd=root)
     dash = subprocess.run(
-        [str(py.parent / "penwatch"), "dashboard", "--db", str(tmp_path / "x.db")],
-        capture_output=True, text=True, timeout=120, env=_clean_env(), cwd=tmp_path,
+        [str(py.parent / "penwatch"), "dashboard", "--db", str(root / "x.db")],
+        capture_output=True, text=True, timeout=120, env=_clean_env(), cwd=root,
     )  # fmt: skip
+    return py, out.stdout, dash
+
+
+def test_fresh_venv_without_extras(core_venv):
+    _, stdout, dash = core_venv
+    assert "MLFLOW: pw.sinks.MLflow needs the 'mlflow' extra" in stdout
+    assert "pip install 'penwatch[mlflow]'" in stdout
+    assert "TENSORBOARD: pw.sinks.TensorBoard needs the 'tensorboard' extra" in stdout
+    assert "RECORDED: 3" in stdout
     assert dash.returncode == 1
     assert "penwatch dashboard needs the 'dashboard' extra" in dash.stderr
     assert "pip install 'penwatch[dashboard]'" in dash.stderr
@@ -131,12 +142,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_fresh_venv_with_dashboard_extra_serves_and_renders(wheel, tmp_path):
+def test_fresh_venv_with_dashboard_extra_serves_and_renders(wheel, core_venv, tmp_path):
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"LOUD SKIP: {CHROMIUM} missing (Debian package 'chromium')")
     from playwright.sync_api import sync_playwright
 
-    py = _venv(tmp_path / "dash", f"{wheel}[dashboard]")
+    py = core_venv[0]  # the extra added as the core venv's error message advises
+    _run([str(py), "-m", "pip", "install", "--quiet", f"{wheel}[dashboard]"], env=_clean_env())
     db = tmp_path / "runs.db"
     write = (
         "import sys, penwatch as pw\n"

@@ -324,8 +324,8 @@ def _computed(payload: Any) -> bool:
     blocks nor releases the GIL); False when one is still computing, was deleted, or is
     a foreign array-like that can only be waited for (``block_until_ready``)."""
     metrics, loss, step = payload
-    if isinstance(metrics, Metrics) and metrics.packed_only:
-        leaves = [*metrics.buffers, loss, step]  # the common case, without tree walks
+    if type(metrics) is Metrics and metrics.packed_only and loss is None and type(step) is int:
+        leaves = metrics.buffers  # the common case, without tree walks
     else:
         leaves = jax.tree_util.tree_leaves(payload)
     try:
