@@ -26,8 +26,11 @@ system-deps:
 	  fi; \
 	else echo "system-deps: not root; tests needing $(SYSTEM_PKGS) will report what is missing"; fi
 
+# The numerical tests (marked `parallel`: no wall-clock assertions, processes or servers)
+# run on two workers; everything that times, serves or spawns runs alone afterwards.
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m parallel -n 2
+	$(PY) -m pytest -q -m "not parallel"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -24,6 +24,8 @@ from penwatch.penalties import elastic_net, entropy, l1, l2, output_magnitude_pe
 from penwatch.penalties._closed_form import has_input_grad, input_grad
 from penwatch.pipelines._grad_norms import STACK_MAX_ELEMENTS, ClosedFormTerm
 
+pytestmark = pytest.mark.parallel  # no clocks, processes or servers (make test: -n 2)
+
 CENTER, CLIP = 0.25, 0.5  # exact in bfloat16: center ± clip sits on the boundary exactly
 
 

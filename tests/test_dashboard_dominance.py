@@ -11,6 +11,8 @@ from penwatch.dashboard import _dominance as dom
 from penwatch.diagnostics import what_if
 from penwatch.schema import gram_key, group_key, term_key
 
+pytestmark = pytest.mark.parallel  # no clocks, processes or servers (make test: -n 2)
+
 
 def _balance_values(update_share=None):
     """The issue's balance case: ‖g_hidden‖ = 0.85 ‖g_task‖, cosine -0.9, weight 5."""

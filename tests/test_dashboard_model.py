@@ -9,6 +9,8 @@ from penwatch.dashboard._model import OPEN_ALERT_STEPS, Snapshot, derive, frame
 
 from penwatch.schema import thresholds
 
+pytestmark = pytest.mark.parallel  # no clocks, processes or servers (make test: -n 2)
+
 
 def _snap(**latest: float) -> Snapshot:
     snap = Snapshot(run="r", process=None)

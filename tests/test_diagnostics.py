@@ -20,6 +20,8 @@ from penwatch.diagnostics import _dominance
 from penwatch.penalties import elastic_net, l1, l2
 from penwatch.schema import gram_key, group_key
 
+pytestmark = pytest.mark.parallel  # no clocks, processes or servers (make test: -n 2)
+
 
 @pytest.fixture(autouse=True)
 def _x64():

@@ -14,6 +14,8 @@ import pytest
 from penwatch import diagnostics as D
 from penwatch.penalties import elastic_net, l1, l2
 
+pytestmark = pytest.mark.parallel  # no clocks, processes or servers (make test: -n 2)
+
 
 @pytest.fixture(autouse=True)
 def _x64():

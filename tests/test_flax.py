@@ -7,10 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import penwatch as pw
 from penwatch import training
+
+pytestmark = pytest.mark.parallel  # no clocks, processes or servers (make test: -n 2)
 
 X = jax.random.normal(jax.random.key(0), (64, 4))
 Y = jnp.sin(2 * X[:, :1]) + X[:, 1:2]

@@ -10,6 +10,8 @@ import pytest
 import penwatch as pw
 from penwatch.pipelines import _grad_norms, grad_norms
 
+pytestmark = pytest.mark.parallel  # no clocks, processes or servers (make test: -n 2)
+
 
 @pytest.fixture(scope="module", params=[(5, 6), (70, 250)], ids=["stacked", "separate"])
 def logprobs(request) -> jax.Array:

@@ -13,6 +13,8 @@ from jax.test_util import check_grads
 
 import penwatch as pw
 
+pytestmark = pytest.mark.parallel  # no clocks, processes or servers (make test: -n 2)
+
 X = jax.random.normal(jax.random.key(0), (8, 5))
 PIPE = pw.pipeline([("l1", 1e-3), ("l2", 1e-2), ("elastic_net", 0.5)])
 BUILTINS = pw.pipelines.builtin_penalties()

@@ -10,6 +10,8 @@ import pytest
 
 from penwatch import optim
 
+pytestmark = pytest.mark.parallel  # no clocks, processes or servers (make test: -n 2)
+
 # A small pytree with nested dicts and lists, exact zeros included (sign(0) = 0).
 PARAMS = {
     "a": {"w": jnp.array([[1.5, -2.0, 0.0], [0.25, -0.5, 3.0]])},

@@ -24,6 +24,8 @@ import pytest
 import penwatch as pw
 from penwatch import _checks
 
+pytestmark = pytest.mark.parallel  # no clocks, processes or servers (make test: -n 2)
+
 KEY = jax.random.key(7)
 
 

@@ -16,6 +16,8 @@ from scipy.special import log_softmax, rel_entr
 
 import penwatch as pw
 
+pytestmark = pytest.mark.parallel  # no clocks, processes or servers (make test: -n 2)
+
 RNG = np.random.default_rng(2)
 INPUTS = {
     1: RNG.normal(size=(5,)),

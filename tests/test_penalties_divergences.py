@@ -18,6 +18,8 @@ from scipy.stats import entropy as scipy_entropy
 
 import penwatch as pw
 
+pytestmark = pytest.mark.parallel  # no clocks, processes or servers (make test: -n 2)
+
 RNG = np.random.default_rng(1)
 SHAPE = (2, 3, 5)  # two batch axes, 5 classes
 P_LP = log_softmax(RNG.normal(size=SHAPE) * 1.5, axis=-1)

@@ -10,6 +10,8 @@ from jax.test_util import check_grads
 
 import penwatch as pw
 
+pytestmark = pytest.mark.parallel  # no clocks, processes or servers (make test: -n 2)
+
 RNG = np.random.default_rng(3)
 C = RNG.uniform(0.5, 2.0, size=(3, 2))  # critic coefficients
 X = RNG.normal(size=(4, 3, 2))

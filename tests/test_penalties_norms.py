@@ -15,6 +15,8 @@ from jax.test_util import check_grads
 
 import penwatch as pw
 
+pytestmark = pytest.mark.parallel  # no clocks, processes or servers (make test: -n 2)
+
 SEED_WEIGHTS = [1.0, -2.0, 3.0, 0.5]  # the seed README's Quick Start tensor
 
 

@@ -11,6 +11,8 @@ import pytest
 
 import penwatch as pw
 
+pytestmark = pytest.mark.parallel  # no clocks, processes or servers (make test: -n 2)
+
 WEIGHTS = {
     "l1": 1e-3,
     "l2": 1e-2,

@@ -12,6 +12,8 @@ import penwatch as pw
 from penwatch import training
 from penwatch.diagnostics import l2_term
 
+pytestmark = pytest.mark.parallel  # no clocks, processes or servers (make test: -n 2)
+
 
 @pytest.mark.parametrize(
     ("spec", "total", "expected"),

@@ -4,6 +4,7 @@ metrics)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import sqlite3
 import struct
@@ -174,7 +175,7 @@ def test_coarser_rollups_combined_from_finer_equal_direct_aggregation():
     from the one below; that equals aggregating the steps directly (sums up to order)."""
     from penwatch.store._schema import ROLLUP_WIDTHS
 
-    assert all(b % a == 0 for a, b in zip(ROLLUP_WIDTHS, ROLLUP_WIDTHS[1:], strict=False))
+    assert all(b % a == 0 for a, b in itertools.pairwise(ROLLUP_WIDTHS))
     rng = np.random.default_rng(0)
     steps = np.sort(rng.choice(5000, size=700, replace=False)).astype(np.int64)
     entries = rng.normal(size=(700, 5)) * 1e3

@@ -9,6 +9,8 @@ import pytest
 
 import penwatch as pw
 
+pytestmark = pytest.mark.parallel  # no clocks, processes or servers (make test: -n 2)
+
 NAN, INF = float("nan"), float("inf")
 
 
