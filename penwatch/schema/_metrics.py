@@ -350,33 +350,16 @@ class Metrics(Mapping[str, jax.Array]):
     def scalars(self) -> dict[str, float]:
         """Every packed value as a Python float, in key order (bools give 0.0/1.0).
 
-        Reads each buffer once (``np.asarray(buf).tolist()``: one device-to-host
-        transfer per buffer, waiting for the device); reserved and non-scalar entries
-        are left out. Buffers may be JAX or NumPy arrays, unbatched.
+        Reads each buffer once (one host copy per buffer, waiting for the device; see
+        :meth:`scalar_rows`); reserved and non-scalar entries are left out. Buffers may
+        be JAX or NumPy arrays, unbatched.
 
         Raises:
           TypeError: called on traced buffers (inside ``jit``).
           ValueError: the buffers are batched (from ``vmap`` or stacking).
         """
-        values: list[Any] = []
-        sizes = []
-        for buf in self._buffers:
-            if isinstance(buf, jax.core.Tracer):
-                raise TypeError(
-                    "penwatch.Metrics.scalars: the buffers are traced (inside jit/vmap/"
-                    "grad); call it on the host, on the returned metrics"
-                )
-            host = host_copy(buf)
-            if host.ndim != 1:
-                raise ValueError(
-                    "penwatch.Metrics.scalars: needs unbatched buffers (one value per "
-                    f"key), got a buffer of shape {host.shape}; index the batch first"
-                )
-            sizes.append(host.shape[0])
-            # float16/32/64 give Python floats; bool, int and bfloat16 go through float64
-            values += (host if host.dtype.kind == "f" else host.astype(np.float64)).tolist()
-        s = self._structure
-        return dict(zip(s.scalar_keys, s.scalar_getter(tuple(sizes))(values), strict=True))
+        (row,) = Metrics.scalar_rows([self])
+        return dict(zip(self._structure.scalar_keys, row, strict=True))
 
     @classmethod
     def scalar_rows(cls, many: Sequence[Metrics]) -> list[tuple[float, ...]]:
@@ -404,15 +387,20 @@ class Metrics(Mapping[str, jax.Array]):
             for m in many:
                 buf = m._buffers[group]
                 if isinstance(buf, jax.core.Tracer):
-                    raise TypeError("penwatch.Metrics.scalar_rows: the buffers are traced")
+                    raise TypeError(
+                        "penwatch.Metrics: the buffers are traced (inside jit/vmap/grad); "
+                        "read the values on the host, from the returned metrics"
+                    )
                 hosts.append(host_copy(buf))
             block = np.stack(hosts)
             if block.ndim != 2:
                 raise ValueError(
-                    "penwatch.Metrics.scalar_rows: needs unbatched buffers (one value per "
-                    f"key), got buffers of shape {block.shape[1:]}"
+                    "penwatch.Metrics: needs unbatched buffers (one value per key), got "
+                    f"a buffer of shape {block.shape[1:]}; index the batch first"
                 )
             blocks.append(block)
+        if not blocks:  # only reserved or non-scalar entries
+            return [() for _ in many]
         sizes = tuple(b.shape[1] for b in blocks)
         getter = structure.scalar_getter(sizes)
         # float16/32/64 convert to Python floats exactly; bool, int and bfloat16 through

@@ -25,6 +25,8 @@ from penwatch.schema import (
     LEAF_COUNT_TOTAL,
     LEAF_COUNTS,
     Event,
+    Layout,
+    LeafReport,
     Metrics,
     RunInfo,
     StepRecord,
@@ -168,46 +170,24 @@ class Dispatch:
 
     def _build_run(self, run: list[Item]) -> Iterator[StepRecord]:
         first: Metrics = run[0].payload[0]
-        keys, penalties = first.scalar_keys, first.penalties
-        try:
-            rows = Metrics.scalar_rows([item.payload[0] for item in run]) if len(run) > 1 else ()
-        except Exception:  # e.g. one donated buffer: each item alone, its error counted
-            rows = ()
+        keys = first.scalar_keys
+        layout = layout_of(keys, first.penalties)
+        rows: Sequence[tuple[float, ...]] = ()
+        if len(run) > 1 and not layout.gram_keys:  # weight suggestions go step by step
+            try:
+                rows = Metrics.scalar_rows([item.payload[0] for item in run])
+            except Exception:  # e.g. one donated buffer: each item alone, its error counted
+                rows = ()
         if not rows:
             for item in run:
                 record = self._record(item)
                 if record is not None:
                     yield record
             return
-        layout = layout_of(keys, penalties)
-        if layout.gram_keys:  # weight suggestions are computed per step
-            for item in run:
-                record = self._record(item)
-                if record is not None:
-                    yield record
-            return
-        index = layout.index
-        loss_at = index.get("base_loss", index.get("loss"))
-        kind = "train_step" if "base_loss" in index or layout.terms else "pipeline_compute"
         dropped = self.losses()
-        info = self.info
         for item, row in zip(run, rows, strict=True):
-            yield StepRecord(
-                run=info.run,
-                process=info.process,
-                step=item.payload[2],
-                pipeline=item.pipeline,
-                wall_time=item.wall_time,
-                values=dict(zip(keys, row, strict=True)),
-                layout=layout,
-                loss=None if loss_at is None else row[loss_at],
-                duration_seconds=None if item.device_ns is None else item.device_ns / 1e9,
-                nonfinite=find_nonfinite(row, layout),
-                kind=item.kind or kind,  # type: ignore[arg-type]
-                dispatched_at_ns=item.dispatched_at_ns,
-                ready_at_ns=item.ready_at_ns,
-                dropped=dropped,
-            )
+            values = dict(zip(keys, row, strict=True))
+            yield self._make(item, item.payload[2], values, layout, numbers=row, dropped=dropped)
 
     def _record(self, item: Item) -> StepRecord | None:
         try:
@@ -240,24 +220,52 @@ class Dispatch:
         if tree is not None and (count is None or count > 0):
             # the per-leaf counts are read only when the in-step total says one is bad
             leaf_counts = _materialize(tree)
+        explicit = None
         if loss is not None:
             explicit = _scalar(_materialize(loss))
             values.setdefault("loss", explicit)
-        else:
-            explicit = values.get("base_loss", values.get("loss"))
         layout = layout_of(values, penalties)
         if layout.gram_keys:  # a diagnostics step (the layout is parsed once per key tuple)
             suggestions = _suggestions(values)
             if suggestions:
                 values.update(suggestions)
                 layout = layout_of(values, penalties)
-        numbers = tuple(values.values())
+        return self._make(
+            item,
+            _step(step),
+            values,
+            layout,
+            numbers=tuple(values.values()),
+            loss=explicit,
+            leaves=leaf_reports(leaf_counts, max_leaves=self.max_leaves),
+            leaf_tree=tree is not None,
+            dropped=self.losses(),
+        )
+
+    def _make(
+        self,
+        item: Item,
+        step: int,
+        values: dict[str, float],
+        layout: Layout,
+        *,
+        numbers: Sequence[float],
+        dropped: Mapping[str, int],
+        loss: float | None = None,
+        leaves: tuple[LeafReport, ...] = (),
+        leaf_tree: bool = False,
+    ) -> StepRecord:
+        """The record of one step (``numbers``: ``values``' values, in order). Without an
+        explicit ``loss`` the base loss is the ``base_loss`` (else ``loss``) metric; the
+        kind is the item's, else a train step's when it carries per-leaf counts, a base
+        loss or gradient terms."""
+        if loss is None:
+            loss = values.get("base_loss", values.get("loss"))
         kind = item.kind or (
             "train_step"
-            if tree is not None or "base_loss" in values or layout.terms
+            if leaf_tree or "base_loss" in values or layout.terms
             else "pipeline_compute"
         )
-        step = _step(step)
         return StepRecord(
             run=self.info.run,
             process=self.info.process,
@@ -266,14 +274,14 @@ class Dispatch:
             wall_time=item.wall_time,
             values=values,
             layout=layout,
-            loss=explicit,
+            loss=loss,
             duration_seconds=None if item.device_ns is None else item.device_ns / 1e9,
             nonfinite=find_nonfinite(numbers, layout),
-            leaves=leaf_reports(leaf_counts, max_leaves=self.max_leaves),
+            leaves=leaves,
             kind=kind,  # type: ignore[arg-type]
             dispatched_at_ns=item.dispatched_at_ns,
             ready_at_ns=item.ready_at_ns,
-            dropped=self.losses(),
+            dropped=dropped,
         )
 
     def _drop_events(self, record: StepRecord) -> list[Event]:
