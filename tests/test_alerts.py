@@ -15,6 +15,7 @@ from opentelemetry.trace import StatusCode
 
 import penwatch as pw
 from penwatch._demo import _train
+from penwatch.alerts._spike import _score, _Window
 from penwatch.schema import StepRecord, find_nonfinite, layout_of
 
 
@@ -103,6 +104,27 @@ def test_robust_zscore_falls_back_to_the_mean_deviation_when_the_mad_is_zero():
     history = [1.0] * 6 + [2.0, 4.0]  # median 1, MAD 0, mean |h - 1| = 4/8
     assert pw.alerts.robust_zscore(3.0, history) == pytest.approx(2.0 / (1.2533 * 0.5))
     assert pw.alerts.robust_zscore(3.0, []) is None
+
+
+@pytest.mark.parametrize("size", [3, 4, 7, 128])
+@pytest.mark.parametrize("values", ["normal", "ties", "constant_runs"])
+def test_loss_spike_window_scores_equal_robust_zscore_exactly(size, values):
+    # LossSpike keeps its window sorted and finds the MAD by a k-th smallest search;
+    # every score, through evictions and ties, must equal the two-sort definition
+    rng = np.random.default_rng(size)
+    series = {
+        "normal": rng.normal(1.0, 0.1, size=600),
+        "ties": rng.integers(0, 5, size=600) / 4.0,
+        "constant_runs": np.repeat(rng.normal(size=60), 10),  # MAD 0: the fallback
+    }[values].tolist()
+    window = _Window(size)
+    for i, value in enumerate(series):
+        if window:
+            want = _score(value, list(window.order))
+            got = window.score(value)
+            assert got == want or (got[0] is want[0] is None and got[1] == want[1]), (i, got, want)
+        window.append(value)
+        assert window.sorted == sorted(window.order)
 
 
 def test_loss_spike_fires_once_per_spike_through_every_sink(tmp_path):

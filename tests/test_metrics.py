@@ -85,6 +85,7 @@ def test_reserved_and_non_scalar_values_stay_unpacked():
     assert m.scalars() == {"loss": 1.0}
     assert len(m.buffers) == 1
     assert not m.packed_only
+    assert m.unpacked_keys == ("pairwise_cosine", "_leaf_nonfinite", "_leaf_nonfinite_count")
     assert pw.Metrics.pack({"loss": 1.0, "ok": True}).packed_only
     assert not pw.Metrics.pack({"loss": 1.0, "_r": 1}).packed_only
     assert not pw.Metrics.pack({"loss": 1.0, "m": jnp.ones(2)}).packed_only

@@ -420,7 +420,7 @@ def _items(metrics: list, **kw) -> list:
 
 
 def test_runs_of_packed_records_are_built_together_exactly_as_one_by_one():
-    """The dispatcher reads a run of packed-only Metrics of one structure with one
+    """The dispatcher reads a run of packed Metrics of one structure with one
     conversion (Metrics.scalar_rows); every field of every record equals the record
     built alone, NaN/Inf reports and kinds included, across structure changes."""
     from penwatch.schema import RunInfo
@@ -444,6 +444,35 @@ def test_runs_of_packed_records_are_built_together_exactly_as_one_by_one():
     assert together[0].loss == pytest.approx(3.0)
     explicit = _items(trained[:3], kind="custom")
     assert [r.kind for r in dispatch._records(explicit)] == ["custom"] * 3
+
+
+def test_train_step_records_are_built_together_exactly_as_one_by_one():
+    """A penwatch train step's Metrics carry its NaN/Inf leaf counts unpacked; runs of
+    them are built together too (the in-step total read per item), and a step whose
+    total is non-zero is built alone with its leaf report, in order."""
+    import optax
+
+    from penwatch.schema import RunInfo
+    from penwatch.telemetry._dispatch import Dispatch
+
+    def linear(params, x):
+        return x @ params["w"] + params["b"]
+
+    init, step = pw.build_train_step(
+        linear, optax.l2_loss, pw.pipeline([("l1", 0.1), ("l2", 0.2)]), optax.sgd(0.1)
+    )
+    state = init({"w": jnp.ones((3, 2)), "b": jnp.zeros(2)})
+    y = jnp.zeros((4, 2))
+    xs = [jnp.full((4, 3), v) for v in (1.0, 2.0, np.nan, 3.0, np.inf, 4.0)]
+    metrics = [step(state, (x, y))[1] for x in xs]
+    assert metrics[0].unpacked_keys == ("_leaf_nonfinite", "_leaf_nonfinite_count")
+    items = _items(metrics)
+    dispatch = Dispatch(RunInfo("r", 0, "v", "cpu", 1, 0.0), [], [], max_leaves=5)
+    together = list(dispatch._records(items))
+    alone = [dispatch.build(item) for item in items]
+    assert repr(together) == repr(alone)  # every field; repr: NaN equals NaN, floats exact
+    assert [bool(r.leaves) for r in together] == [False, False, True, False, True, False]
+    assert {r.kind for r in together} == {"train_step"}
 
 
 def test_dispatched_buffers_are_deleted_only_when_the_monitor_holds_them_alone():

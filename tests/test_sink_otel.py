@@ -217,3 +217,18 @@ def test_configure_tracing_only_when_asked(monkeypatch):
     assert provider.resource.attributes["service.name"] == "trainer-7"
     provider.shutdown()
     _ = OTLPSpanExporter  # the exporter class the CLI uses is importable
+
+
+def test_a_record_with_its_trace_id_equals_the_dataclass_replacement():
+    import dataclasses
+
+    from penwatch.schema import StepRecord, layout_of
+
+    values = {"l1": 1.0, "l1_weight": 0.5, "l1_weighted": 0.5, "total": 0.5}
+    record = StepRecord(run="r", process=0, step=3, pipeline="p", wall_time=1.0,
+                        values=values, layout=layout_of(values), loss=2.0)  # fmt: skip
+    traced = record.with_trace_id(7)
+    assert traced == dataclasses.replace(record, trace_id=7)
+    assert type(traced) is StepRecord and traced.trace_id == 7 and record.trace_id is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        traced.trace_id = 8  # type: ignore[misc]

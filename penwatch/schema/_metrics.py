@@ -325,6 +325,11 @@ class Metrics(Mapping[str, jax.Array]):
         return self._buffers
 
     @property
+    def unpacked_keys(self) -> tuple[str, ...]:
+        """The keys held unpacked (reserved entries and non-scalar arrays), in key order."""
+        return self._structure.unpacked_keys
+
+    @property
     def packed_only(self) -> bool:
         """True when every entry is a packed scalar (no reserved entries, no arrays):
         :attr:`buffers` then hold all of it."""

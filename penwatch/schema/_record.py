@@ -176,6 +176,14 @@ class StepRecord:
         """``capture -> fraction of its units zero for the whole batch``."""
         return {c: self.values[capture_key(c, "dead_fraction")] for c in self.layout.captures}
 
+    def with_trace_id(self, trace_id: int) -> StepRecord:
+        """This record with ``trace_id`` set: a shallow copy (every field is immutable),
+        without ``dataclasses.replace``'s re-validation of all the fields."""
+        record = object.__new__(type(self))
+        record.__dict__.update(self.__dict__)
+        record.__dict__["trace_id"] = trace_id
+        return record
+
     @property
     def started_at_ns(self) -> int | None:
         """Unix ns at which the step started on the device: ``max(d_i, r_{i-1})``

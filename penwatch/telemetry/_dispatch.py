@@ -9,7 +9,6 @@ thread of its own.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -132,7 +131,7 @@ class Dispatch:
                     worker.errors += 1
                     logger.debug("penwatch sink %s: begin_step failed: %s", worker.name, exc)
             if trace_id:
-                record = _with_trace(record, trace_id)
+                record = record.with_trace_id(trace_id)
             out.extend(events)
             out.append(record)
             records += 1
@@ -148,12 +147,13 @@ class Dispatch:
                 worker.put_many(out)
 
     def _records(self, items: list[Item]) -> Iterator[StepRecord]:
-        """The records of a batch, in order. Runs of packed-only ``Metrics`` of one
-        structure are read and converted together (:meth:`Metrics.scalar_rows`); any
-        other item, and a run that cannot be read that way, is built alone."""
+        """The records of a batch, in order. Runs of ``Metrics`` of one structure whose
+        only unpacked entries are a train step's NaN/Inf leaf counts (:func:`_batchable`)
+        are read and converted together (:meth:`Metrics.scalar_rows`); any other item,
+        and a run that cannot be read that way, is built alone."""
         run: list[Item] = []
         for item in items:
-            if _packed_only(item):
+            if _batchable(item):
                 if run and run[0].payload[0]._structure != item.payload[0]._structure:
                     yield from self._build_run(run)
                     run = []
@@ -185,9 +185,24 @@ class Dispatch:
                     yield record
             return
         dropped = self.losses()
+        unpacked = first.unpacked_keys
+        leaf_tree = LEAF_COUNTS in unpacked
         for item, row in zip(run, rows, strict=True):
+            if unpacked and _leaves_to_read(item.payload[0]):
+                record = self._record(item)  # a bad leaf somewhere: its report, built alone
+                if record is not None:
+                    yield record
+                continue
             values = dict(zip(keys, row, strict=True))
-            yield self._make(item, item.payload[2], values, layout, numbers=row, dropped=dropped)
+            yield self._make(
+                item,
+                item.payload[2],
+                values,
+                layout,
+                numbers=row,
+                dropped=dropped,
+                leaf_tree=leaf_tree,
+            )
 
     def _record(self, item: Item) -> StepRecord | None:
         try:
@@ -326,17 +341,37 @@ class _NoLock:
 _NO_LOCK = _NoLock()
 
 
-def _packed_only(item: Item) -> bool:
-    """An item whose record needs no per-item work: a packed-only ``Metrics``, no
-    separate loss, an int step."""
+_BATCHABLE_UNPACKED = frozenset(
+    {(), (LEAF_COUNT_TOTAL,), (LEAF_COUNTS, LEAF_COUNT_TOTAL), (LEAF_COUNT_TOTAL, LEAF_COUNTS)}
+)
+"""Unpacked keys a record built in a run may have: none, or a train step's leaf counts
+with their in-step total (read per item, one scalar)."""
+
+
+def _batchable(item: Item) -> bool:
+    """An item that can be built in a run: a ``Metrics`` packed but for a train step's
+    leaf counts, no separate loss, an int step."""
     if item.error is not None:
         return False
     metrics, loss, step = item.payload
-    return type(metrics) is Metrics and metrics.packed_only and loss is None and type(step) is int
+    return (
+        type(metrics) is Metrics
+        and loss is None
+        and type(step) is int
+        and metrics.unpacked_keys in _BATCHABLE_UNPACKED
+    )
 
 
-def _with_trace(record: StepRecord, trace_id: int) -> StepRecord:
-    return dataclasses.replace(record, trace_id=trace_id)
+def _leaves_to_read(metrics: Metrics) -> bool:
+    """Whether a train step's per-leaf counts must be read: as :meth:`Dispatch.build`
+    decides, when its in-step total is non-zero or cannot be read."""
+    if LEAF_COUNTS not in metrics:
+        return False
+    try:
+        count = _scalar(_materialize(metrics[LEAF_COUNT_TOTAL]))
+    except Exception:
+        return True  # built alone, the error is counted there
+    return count is None or count > 0
 
 
 def _host_values(
@@ -400,6 +435,8 @@ def _materialize(tree: Any) -> Any:
     (:func:`~penwatch.schema._host.host_copy`): ``np.asarray`` and ``device_get`` release
     the GIL inside jaxlib, a hand-off to the training thread per array.
     """
+    if isinstance(tree, jax.Array):  # one array (a step's leaf-count total)
+        return host_copy(tree)
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     first = next((leaf for leaf in leaves if isinstance(leaf, jax.Array)), None)
     if first is not None and any(d.platform != "cpu" for d in first.devices()):
