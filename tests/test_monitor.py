@@ -446,6 +446,25 @@ def test_runs_of_packed_records_are_built_together_exactly_as_one_by_one():
     assert [r.kind for r in dispatch._records(explicit)] == ["custom"] * 3
 
 
+def test_the_ready_thread_waits_for_a_metrics_last_buffer_and_for_anything_else_whole():
+    """docs/telemetry.md: a Metrics recorded without a separate loss is waited for through
+    its last packed buffer (all its buffers come from one computation); any other payload
+    leaf by leaf."""
+    from penwatch.telemetry._intake import _computed, _representative
+
+    m = pw.Metrics.pack({"a": jnp.float32(1.0), "ok": jnp.bool_(True)})
+    assert _representative((m, None, 0)) is m.buffers[-1]
+    assert _representative((m, jnp.float32(2.0), 0)) is None  # a loss of its own
+    assert _representative((m, None, jnp.int32(0))) is None  # a device step
+    assert _representative(({"a": jnp.float32(1.0)}, None, 0)) is None
+    assert _representative((jax.device_get(m), None, 0)) is None  # NumPy buffers
+    assert _computed((m, None, 0)) and _computed((jax.device_get(m), None, 0))
+    slow = _SlowScalar(1.0)
+    assert not _computed(({"a": slow}, None, 0))  # waited for, not assumed
+    m.buffers[-1].delete()
+    assert not _computed((m, None, 0))  # deleted: left to block_until_ready to report
+
+
 def test_train_step_records_are_built_together_exactly_as_one_by_one():
     """A penwatch train step's Metrics carry its NaN/Inf leaf counts unpacked; runs of
     them are built together too (the in-step total read per item), and a step whose
