@@ -465,6 +465,25 @@ def test_the_ready_thread_waits_for_a_metrics_last_buffer_and_for_anything_else_
     assert not _computed((m, None, 0))  # deleted: left to block_until_ready to report
 
 
+def test_values_are_right_when_a_metrics_buffers_come_from_several_computations():
+    """docs/telemetry.md: the ready thread waits for a Metrics' last buffer only; the
+    dispatcher checks each buffer before reading it, so an earlier buffer still being
+    computed (a Metrics rebuilt from separate computations) is waited for, not misread."""
+    template = pw.Metrics.pack({"a": jnp.float32(0.0), "ok": jnp.bool_(True)})
+    structure = jax.tree_util.tree_structure(template)
+    big = jnp.ones((1200, 1200))  # ~0.2 s here: longer than the dispatcher's batch timer
+    slow = jax.jit(lambda x, v: jnp.full(1, v) + 0.0 * jnp.sum(((x @ x) @ x) @ x))
+    records, _, sink = _collect()
+    with pw.Monitor("several", sinks=[sink], alerts=[]) as monitor:
+        for i in range(3):
+            first = slow(big, float(i))  # still computing when the record is queued
+            last = jnp.array([True])  # ready at once: the one the ready thread watches
+            assert not first.is_ready()  # the premise
+            monitor.record(i, jax.tree_util.tree_unflatten(structure, [first, last]))
+    assert [r.values["a"] for r in records] == [float(i) for i in range(3)]
+    assert all(r.values["ok"] == 1.0 for r in records)
+
+
 def test_train_step_records_are_built_together_exactly_as_one_by_one():
     """A penwatch train step's Metrics carry its NaN/Inf leaf counts unpacked; runs of
     them are built together too (the in-step total read per item), and a step whose

@@ -188,7 +188,7 @@ class Dispatch:
         unpacked = first.unpacked_keys
         leaf_tree = LEAF_COUNTS in unpacked
         for item, row in zip(run, rows, strict=True):
-            if unpacked and _leaves_to_read(item.payload[0]):
+            if unpacked and _leaves_or_error(item.payload[0]):
                 record = self._record(item)  # a bad leaf somewhere: its report, built alone
                 if record is not None:
                     yield record
@@ -227,14 +227,8 @@ class Dispatch:
             raise item.error
         metrics, loss, step = item.payload
         values, reserved, penalties = _host_values(metrics)
-        leaf_counts = None
-        count = reserved.get(LEAF_COUNT_TOTAL)
-        if count is not None:
-            count = _scalar(_materialize(count))
         tree = reserved.get(LEAF_COUNTS)
-        if tree is not None and (count is None or count > 0):
-            # the per-leaf counts are read only when the in-step total says one is bad
-            leaf_counts = _materialize(tree)
+        leaf_counts = _materialize(tree) if _reads_leaves(reserved) else None
         explicit = None
         if loss is not None:
             explicit = _scalar(_materialize(loss))
@@ -362,16 +356,24 @@ def _batchable(item: Item) -> bool:
     )
 
 
-def _leaves_to_read(metrics: Metrics) -> bool:
-    """Whether a train step's per-leaf counts must be read: as :meth:`Dispatch.build`
-    decides, when its in-step total is non-zero or cannot be read."""
-    if LEAF_COUNTS not in metrics:
+def _reads_leaves(entries: Mapping[str, Any]) -> bool:
+    """Whether a step's per-leaf NaN/Inf counts are read: only when it has them and its
+    in-step total (one scalar) is non-zero or missing. ``entries``: its reserved entries
+    (or the ``Metrics`` holding them)."""
+    if entries.get(LEAF_COUNTS) is None:
         return False
-    try:
-        count = _scalar(_materialize(metrics[LEAF_COUNT_TOTAL]))
-    except Exception:
-        return True  # built alone, the error is counted there
+    count = entries.get(LEAF_COUNT_TOTAL)
+    count = None if count is None else _scalar(_materialize(count))
     return count is None or count > 0
+
+
+def _leaves_or_error(metrics: Metrics) -> bool:
+    """:func:`_reads_leaves` for a record of a run; True when the total cannot be read
+    (the record is then built alone, where the error is counted)."""
+    try:
+        return _reads_leaves(metrics)
+    except Exception:
+        return True
 
 
 def _host_values(
