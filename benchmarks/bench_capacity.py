@@ -10,13 +10,22 @@ on the training thread (bars 20 us and 200 us).
 
 The bars: >= 10,000 records/s at 20 metrics, >= 5,000/s with spans on too, >= 2,000/s at
 200 metrics.
+
+Informative rows say where the loop's rate goes: the share of each instrumented loop's
+time spent in Python's garbage collector (every thread stops for it), and, at 10,000
+records/s, the same loop with the monitor's parts one at a time (no sinks: the ready and
+dispatch threads alone; a sink that writes nothing: one delivery thread more; Prometheus
+alone; SQLite alone).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -28,13 +37,24 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import penwatch as pw
 from benchmarks._harness import Report
+from penwatch.schema import StepRecord
 
 SECONDS = 3.0
-CASES = (  # (metrics per record, target records/s, OpenTelemetry on)
-    (20, 10_000, False),
-    (20, 5_000, True),
-    (200, 2_000, False),
+CASES = (  # (metrics per record, target records/s, sinks)
+    (20, 10_000, ("prometheus", "sqlite")),
+    (20, 5_000, ("prometheus", "sqlite", "otel")),
+    (200, 2_000, ("prometheus", "sqlite")),
 )
+PARTS = (  # (what runs, sinks) at 10,000 records/s, 20 metrics: one part at a time
+    ("no sinks (ready + dispatch threads)", ()),
+    ("one sink writing nothing", ("nothing",)),
+    ("Prometheus only", ("prometheus",)),
+    ("SQLite only", ("sqlite",)),
+)
+PARTS_RATE = 10_000
+PARTS_SECONDS = 1.5
+PARTS_ROUNDS = 5
+LABELS = {"prometheus": "Prometheus", "sqlite": "SQLite", "otel": "OTel"}
 
 
 def _step(metrics: int) -> Any:
@@ -73,40 +93,91 @@ def _loop(step: Any, rate: float, n: int, monitor: pw.Monitor | None) -> tuple[f
     return n / (time.perf_counter() - start), latencies
 
 
-def _sinks(tmp: str, run: str, otel: bool) -> tuple[list[pw.sinks.Sink], Any]:
-    sinks: list[pw.sinks.Sink] = [
-        pw.sinks.Prometheus(port=None),
-        pw.sinks.SQLite(f"{tmp}/{run}.db"),
-    ]
+class _Nothing(pw.sinks.Sink):
+    """A batched sink that writes nothing: what one delivery thread costs by itself."""
+
+    name = "Nothing"
+    batch_size = 512  # as the SQLite sink's
+    max_delay = 0.5
+
+    def write_step(self, record: StepRecord) -> None:
+        pass
+
+    def write_steps(self, records: Sequence[StepRecord]) -> None:
+        pass
+
+
+def _sinks(tmp: str, run: str, names: Sequence[str]) -> tuple[list[pw.sinks.Sink], Any]:
+    sinks: list[pw.sinks.Sink] = []
     provider = None
-    if otel:
-        provider = TracerProvider()
-        provider.add_span_processor(
-            BatchSpanProcessor(InMemorySpanExporter(), max_queue_size=1 << 17)
-        )
-        sinks.append(pw.sinks.OpenTelemetry(provider))
+    for name in names:
+        if name == "prometheus":
+            sinks.append(pw.sinks.Prometheus(port=None))
+        elif name == "sqlite":
+            sinks.append(pw.sinks.SQLite(f"{tmp}/{run}.db"))
+        elif name == "nothing":
+            sinks.append(_Nothing())
+        elif name == "otel":
+            provider = TracerProvider()
+            provider.add_span_processor(
+                BatchSpanProcessor(InMemorySpanExporter(), max_queue_size=1 << 17)
+            )
+            sinks.append(pw.sinks.OpenTelemetry(provider))
+        else:
+            raise ValueError(f"_sinks: unknown sink {name!r}")
     return sinks, provider
+
+
+@contextlib.contextmanager
+def _gc_pauses() -> Iterator[list[float]]:
+    """Seconds spent in garbage collections while the block runs (``gc.callbacks``)."""
+    total = [0.0]
+    started = [0.0]
+
+    def callback(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            total[0] += time.perf_counter() - started[0]
+
+    gc.callbacks.append(callback)
+    try:
+        yield total
+    finally:
+        gc.callbacks.remove(callback)
+
+
+def _instrumented(
+    step: Any, rate: int, n: int, tmp: str, run: str, names: Sequence[str]
+) -> tuple[float, list[int], int, float]:
+    """(loop rate, record() latencies in ns, most records any sink lost, GC share of the
+    loop's time) of the paced loop with a monitor writing to ``names``."""
+    sinks, provider = _sinks(tmp, run, names)
+    monitor = pw.Monitor(run, sinks=sinks, alerts=[], close_timeout=120)
+    with _gc_pauses() as paused:
+        start = time.perf_counter()
+        rate_kept, latencies = _loop(step, rate, n, monitor)
+        elapsed = time.perf_counter() - start
+    monitor.close()
+    if provider is not None:
+        provider.shutdown()
+    stats = monitor.stats
+    lost = max((stats.lost(name) for name in stats.sinks), default=sum(stats.dropped.values()))
+    return rate_kept, latencies, lost, paused[0] / elapsed
 
 
 def run(report: Report) -> None:
     all_latencies: list[int] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for metrics, rate, otel in CASES:
+        for metrics, rate, names in CASES:
             step = _step(metrics)
             jax.block_until_ready(step(jnp.float32(0)))
             n = int(rate * SECONDS)
             bare, _ = _loop(step, rate, n, None)
-            run_name = f"cap{metrics}{'otel' if otel else ''}"
-            sinks, provider = _sinks(tmp, run_name, otel)
-            monitor = pw.Monitor(run_name, sinks=sinks, alerts=[], close_timeout=120)
-            inst, latencies = _loop(step, rate, n, monitor)
-            monitor.close()
-            if provider is not None:
-                provider.shutdown()
-            stats = monitor.stats
-            lost = max(stats.lost(name) for name in stats.sinks)
+            run_name = f"cap{metrics}{'otel' if 'otel' in names else ''}"
+            inst, latencies, lost, gc_share = _instrumented(step, rate, n, tmp, run_name, names)
             all_latencies += latencies
-            what = f"{metrics} metrics, Prometheus+SQLite{'+OTel' if otel else ''}"
+            what = f"{metrics} metrics, {'+'.join(LABELS[name] for name in names)}"
             print(f"  {what}: bare {bare:.0f}/s, instrumented {inst:.0f}/s, lost {lost}")
             report.add(
                 f"monitor capacity at {rate:,}/s, {what}: loop rate / bare (lost {lost})",
@@ -114,9 +185,40 @@ def run(report: Report) -> None:
                 bar=">= 0.9x, none lost",
                 passed=inst / bare >= 0.9 and lost == 0,
             )
+            report.add(
+                f"  garbage collection, share of that loop's time ({rate:,}/s, {what})",
+                100 * gc_share,
+                unit="%",
+            )
+        _parts(report, tmp)
     median = statistics.median(all_latencies) / 1e3
     p99 = float(np.percentile(all_latencies, 99)) / 1e3
     report.add("record() on the training thread, median", median, unit="us", bar="<= 20 us",
                passed=median <= 20)  # fmt: skip
     report.add("record() on the training thread, p99", p99, unit="us", bar="<= 200 us",
                passed=p99 <= 200)  # fmt: skip
+
+
+def _parts(report: Report, tmp: str) -> None:
+    """The 10,000/s loop with the monitor's parts one at a time (:data:`PARTS`), in
+    interleaved rounds (the order rotates) so that a busy minute of a shared machine
+    weighs on every part alike; reports each part's median ratio."""
+    step = _step(20)
+    jax.block_until_ready(step(jnp.float32(0)))
+    n = int(PARTS_RATE * PARTS_SECONDS)
+    ratios: dict[str, list[float]] = {label: [] for label, _ in PARTS}
+    lost = dict.fromkeys(ratios, 0)
+    for round_ in range(PARTS_ROUNDS):
+        shift = round_ % len(PARTS)
+        for label, names in PARTS[shift:] + PARTS[:shift]:
+            bare, _ = _loop(step, PARTS_RATE, n, None)
+            run = f"part{round_}{PARTS.index((label, names))}"
+            inst, _, part_lost, _ = _instrumented(step, PARTS_RATE, n, tmp, run, names)
+            ratios[label].append(inst / bare)
+            lost[label] += part_lost
+    for label, values in ratios.items():
+        report.add(
+            f"  capacity at {PARTS_RATE:,}/s, 20 metrics, {label}: loop rate / bare "
+            f"(median of {PARTS_ROUNDS}, lost {lost[label]})",
+            statistics.median(values),
+        )
