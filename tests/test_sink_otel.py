@@ -16,7 +16,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Decision, Sampler, SamplingResult
 from opentelemetry.trace import StatusCode
 
 import penwatch as pw
@@ -138,6 +138,31 @@ def test_sampled_spans_carry_every_value_when_sampling_alternates():
         step = span.attributes["penwatch.step"]
         assert span.attributes["penwatch.penalty.l1.value"] == float(step)
         assert span.attributes["penwatch.metric.total"] == 0.5 * step
+    provider.shutdown()
+
+
+def test_no_attributes_are_built_for_a_span_after_a_dropped_one(monkeypatch):
+    # docs/telemetry.md: sampling spans away saves building their attributes (only the
+    # first span, before the sink knows the sampler drops, builds them).
+    built: list[int] = []
+    build = _otel.OpenTelemetry._step_attributes
+
+    def counting(self, record):
+        built.append(record.step)
+        return build(self, record)
+
+    monkeypatch.setattr(_otel.OpenTelemetry, "_step_attributes", counting)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    records: list = []
+    sinks = [pw.sinks.OpenTelemetry(provider), pw.sinks.Callback(records.append)]
+    with pw.Monitor("dropped", sinks=sinks, alerts=[]) as monitor:
+        for step in range(5):
+            monitor.record(step, {"l1": float(step), "l1_weight": 0.5})
+    assert built == [0]
+    assert exporter.get_finished_spans() == ()
+    assert [r.trace_id for r in records] == [None] * 5
     provider.shutdown()
 
 
