@@ -212,8 +212,8 @@ def _parts(report: Report, tmp: str) -> None:
         shift = round_ % len(PARTS)
         for label, names in PARTS[shift:] + PARTS[:shift]:
             bare, _ = _loop(step, PARTS_RATE, n, None)
-            run = f"part{round_}{PARTS.index((label, names))}"
-            inst, _, part_lost, _ = _instrumented(step, PARTS_RATE, n, tmp, run, names)
+            run_name = f"part{round_}{PARTS.index((label, names))}"
+            inst, _, part_lost, _ = _instrumented(step, PARTS_RATE, n, tmp, run_name, names)
             ratios[label].append(inst / bare)
             lost[label] += part_lost
     for label, values in ratios.items():
