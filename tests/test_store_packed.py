@@ -5,6 +5,7 @@ metrics)."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import sqlite3
 import struct
@@ -14,8 +15,9 @@ import numpy as np
 import pytest
 
 from penwatch import store
-from penwatch.schema import RunInfo, StepRecord
+from penwatch.schema import NonFinite, RunInfo, StepRecord
 from penwatch.store import _packed
+from penwatch.store._rows import StepColumns
 from penwatch.store._synthetic import synthetic_run
 
 EDGE = [
@@ -193,3 +195,37 @@ def test_coarser_rollups_combined_from_finer_equal_direct_aggregation():
         np.testing.assert_allclose(agg["vsum"], want["vsum"], rtol=1e-12, err_msg=coarse)
         if coarse == 128:
             assert np.isnan(agg["vsum"][:, 2]).any()  # the empty stretch stays NaN, not 0
+
+
+def test_step_columns_tell_a_missing_step_value_from_a_recorded_nan():
+    """The step-level rollup entries count a recorded NaN as NaN and a missing value not
+    at all; a loss comes from ``loss``, else ``base_loss``, else the ``loss`` metric."""
+    records = [
+        StepRecord("r", 0, 0, "default", 1.0, {"l1": 1.0}, loss=None, duration_seconds=None),
+        StepRecord("r", 0, 1, "default", 2.0, {"l1": 1.0, "total": math.nan}, loss=math.nan),
+        StepRecord(
+            "r",
+            0,
+            2,
+            "p",
+            3.0,
+            {"base_loss": 0.5, "loss": 9.0, "total": 2.0},
+            duration_seconds=0.25,
+            trace_id=0xAB,
+            nonfinite=(NonFinite("l1", "nan", "pipeline"),),
+        ),
+    ]
+    columns = StepColumns.of(records)
+    values, present = columns.step_series()
+    np.testing.assert_array_equal(
+        present, [[False, False, False, True], [True, True, False, True], [True] * 4]
+    )
+    assert np.isnan(values[1, 0]) and np.isnan(values[1, 1])
+    np.testing.assert_array_equal(values[2], [0.5, 2.0, 0.25, 1.0])
+    rows = columns.rows([7, 7, 7], [3, 3, 4], [b"a", b"b", b"c"])
+    assert rows[2][:9] == (7, 2, "p", 3.0, 0.5, 2.0, 0.25, 1, f"{0xAB:032x}")
+    assert json.loads(rows[2][9])["nonfinite"][0]["key"] == "l1" and rows[0][9] is None
+    assert rows[2][10:] == (4, b"c")
+    taken = columns.take([0, 2])
+    assert taken.step == [0, 2] and taken.pipeline == ["default", "p"]
+    assert columns.take([0, 1, 2]) is columns

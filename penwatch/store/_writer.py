@@ -34,7 +34,7 @@ import numpy as np
 from penwatch.schema import RUN_STATUSES, Event, RunInfo, StepRecord
 from penwatch.store import _packed
 from penwatch.store._packed import STEP_KEYS
-from penwatch.store._rows import insert_rows, key_parts, step_row
+from penwatch.store._rows import StepColumns, insert_rows, key_parts
 from penwatch.store._schema import ROLLUP_WIDTHS, StoreUnavailableError, writer_connection
 
 logger = logging.getLogger(__name__)
@@ -335,37 +335,39 @@ class StoreWriter:
         )
 
     def _write_batch(self, conn: sqlite3.Connection, batch: list[StepRecord | Event]) -> None:
-        if not batch:
-            return
-        groups: dict[int, list[int]] = {}  # layout id -> positions in step_rows
-        step_rows: list[tuple[Any, ...]] = []
         records: list[StepRecord] = []
-        last_step: dict[int, tuple[int, float]] = {}
         for item in batch:
             if isinstance(item, Event):
                 self._insert_event(conn, item)
-                continue
-            run_id = self._run_id(conn, item.run, item.process, item.wall_time)
-            layout_id = self._layout_id(conn, run_id, item)
-            groups.setdefault(layout_id, []).append(len(step_rows))
-            step_rows.append((*step_row(run_id, item), layout_id))
-            records.append(item)
-            prev = last_step.get(run_id)
-            last_step[run_id] = (max(item.step, prev[0]) if prev else item.step, item.wall_time)
-        blobs: list[bytes] = [b""] * len(step_rows)
+            else:
+                records.append(item)
+        if not records:
+            return
+        run_ids = [self._run_id(conn, r.run, r.process, r.wall_time) for r in records]
+        layout_ids = [
+            self._layout_id(conn, run_id, r) for run_id, r in zip(run_ids, records, strict=True)
+        ]
+        columns = StepColumns.of(records)
+        blobs: list[bytes] = [b""] * len(records)
+        groups: dict[int, list[int]] = {}  # layout id -> positions in the batch
+        for i, layout_id in enumerate(layout_ids):
+            groups.setdefault(layout_id, []).append(i)
         for layout_id, positions in groups.items():
-            members = [records[i] for i in positions]
-            values = np.array([list(r.values.values()) for r in members], dtype=np.float64)
-            values = values.reshape(len(members), -1)
+            values = np.array([list(records[i].values.values()) for i in positions], np.float64)
+            values = values.reshape(len(positions), -1)
             for i, blob in zip(positions, _packed.encode_values(values), strict=True):
                 blobs[i] = blob
-            self._write_rollups(conn, layout_id, members, [step_rows[i] for i in positions], values)
+            self._write_rollups(conn, layout_id, columns.take(positions), values)
         insert_rows(  # in write order: readers take steps by id
             conn,
             "INSERT INTO steps (run_id, step, pipeline, wall_time, loss, total,"
             " duration_seconds, nonfinite, trace_id, report, layout_id, vals) VALUES",
-            [(*row, blob) for row, blob in zip(step_rows, blobs, strict=True)],
+            columns.rows(run_ids, layout_ids, blobs),
         )
+        last_step: dict[int, tuple[int, float]] = {}
+        for run_id, step, wall in zip(run_ids, columns.step, columns.wall_time, strict=True):
+            prev = last_step.get(run_id)
+            last_step[run_id] = (step if prev is None else max(step, prev[0]), wall)
         for run_id, (step, wall) in last_step.items():
             conn.execute(
                 "UPDATE runs SET updated_at = max(updated_at, ?),"
@@ -374,22 +376,13 @@ class StoreWriter:
             )
 
     def _write_rollups(
-        self,
-        conn: sqlite3.Connection,
-        layout_id: int,
-        members: list[StepRecord],
-        rows: list[tuple[Any, ...]],
-        values: np.ndarray,
+        self, conn: sqlite3.Connection, layout_id: int, columns: StepColumns, values: np.ndarray
     ) -> None:
         """Merge the steps of one layout into its rollup buckets at every width."""
-        columns = [row[4:8] for row in rows]  # loss, total, duration, nonfinite
-        present = np.array([[v is not None for v in c] for c in columns], dtype=bool)
-        step_values = np.array(
-            [[np.nan if v is None else v for v in c] for c in columns], dtype=np.float64
-        )
+        step_values, present = columns.step_series()
         entries = np.concatenate([step_values, values], axis=1)
         present = np.concatenate([present, np.ones(values.shape, dtype=bool)], axis=1)
-        steps = np.array([r.step for r in members], dtype=np.int64)
+        steps = np.array(columns.step, dtype=np.int64)
         order = np.argsort(steps, kind="stable")
         steps, entries, present = steps[order], entries[order], present[order]
         agg, last = _packed.bucket_sums(steps, entries, present, ROLLUP_WIDTHS[0]), ROLLUP_WIDTHS[0]
