@@ -478,6 +478,7 @@ def test_a_truthful_page_in_chromium(tmp_path):
                 f"Dominance: {labels['l2']} dominates the gradient",
                 f"First non-finite step: {first}",
                 f"run {TRUTH_RUN} · all processes",
+                "Base loss",
                 "Dominance: gradients per term",
             )
             # the page leads with what needs attention, in words, before the numbers and charts
