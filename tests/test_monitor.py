@@ -553,3 +553,33 @@ def test_dispatched_buffers_are_deleted_only_when_the_monitor_holds_them_alone()
     assert len(records) == 50
     assert monitor._intake.released == 2 * 45
     assert all(h.scalars() == {"a": 1.0, "ok": 1.0} for h in held)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_nan_in_an_unrecorded_step_shows_next_only_without_skip_nonfinite(skip):
+    # docs/telemetry.md, "At thousands of steps per second": recording every N-th step, a
+    # non-finite step that is not recorded reaches the next recorded one through the
+    # parameters, unless skip_nonfinite dropped its update.
+    import optax
+
+    x = jax.random.normal(jax.random.key(0), (16, 4))
+    y = jnp.ones((16, 1))
+    params = {"w": jnp.full((4, 1), 0.1)}
+    init, step = pw.build_train_step(
+        lambda p, v: v @ p["w"],
+        lambda pred, target: (pred - target) ** 2,
+        pw.pipeline([("l2", 1e-3)]),
+        optax.sgd(0.1),
+        skip_nonfinite=skip,
+    )
+    state = init(params)
+    records: list = []
+    with pw.Monitor("every2", sinks=[pw.sinks.Callback(records.append)], alerts=[]) as monitor:
+        for i in range(6):
+            batch = (x.at[0, 0].set(jnp.nan), y) if i == 3 else (x, y)
+            state, metrics = step(state, batch)
+            if i % 2 == 0:  # steps 0, 2, 4 recorded; the NaN is at step 3
+                monitor.record(i, metrics)
+    assert [r.step for r in records] == [0, 2, 4]
+    assert records[0].ok and records[1].ok
+    assert records[2].ok is skip
