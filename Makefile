@@ -27,10 +27,13 @@ system-deps:
 	else echo "system-deps: not root; tests needing $(SYSTEM_PKGS) will report what is missing"; fi
 
 # The numerical tests (marked `parallel`: no wall-clock assertions, processes or servers)
-# run on two workers; everything that times, serves or spawns runs alone afterwards.
+# run on two workers; the files marked `concurrent` (examples, the demo, the wheel, the
+# browser: subprocesses awaited, nothing timed) two files at a time; everything else that
+# times, serves or spawns runs alone afterwards.
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q -m parallel -n 2
-	$(PY) -m pytest -q -m "not parallel"
+	$(PY) -m pytest -q -m concurrent -n 2 --dist loadfile
+	$(PY) -m pytest -q -m "not parallel and not concurrent"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

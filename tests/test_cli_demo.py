@@ -18,6 +18,8 @@ import pytest
 from penwatch import cli
 from penwatch.schema import Event
 
+pytestmark = pytest.mark.concurrent
+
 
 def test_demo_runs_end_to_end(tmp_path):
     db = tmp_path / "runs" / "demo.db"

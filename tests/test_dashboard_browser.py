@@ -51,7 +51,7 @@ ARGS = [
 ]
 SCREENSHOT = ROOT / "docs" / "dashboard.png"
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.concurrent]
 
 
 def _require_browser():

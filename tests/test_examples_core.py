@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 from conftest import run_examples
+
+pytestmark = pytest.mark.concurrent
 
 ROOT = Path(__file__).resolve().parents[1]
 

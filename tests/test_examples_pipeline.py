@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.concurrent
+
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = {
     "pipeline_composition.py": [

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import run_examples
 
+pytestmark = pytest.mark.concurrent
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 

@@ -24,7 +24,7 @@ import zipfile
 import pytest
 from conftest import ROOT
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.concurrent]
 
 CHROMIUM = "/usr/bin/chromium"
 PIP_TIMEOUT = 900
