@@ -48,7 +48,7 @@ def _clean_env() -> dict[str, str]:
 def wheel(tmp_path_factory) -> pathlib.Path:
     """penwatch's wheel, built from a copy of the sources (the checkout stays clean)."""
     src = tmp_path_factory.mktemp("src")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
     for package in ("penwatch", "dashboard"):  # dashboard/ installs as penwatch.dashboard
         shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -77,6 +77,8 @@ def test_wheel_carries_the_dashboard_inside_the_package(wheel):
     text = zipfile.ZipFile(wheel).read(metadata).decode()
     for extra in ("dashboard", "otlp", "tensorboard", "mlflow", "wandb", "progress", "all"):
         assert f"Provides-Extra: {extra}" in text
+    assert "License-Expression: MIT" in text.splitlines()  # PEP 639, not a deprecated table
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
     requires = [line for line in text.splitlines() if line.startswith("Requires-Dist:")]
     core = [line for line in requires if "extra ==" not in line]
     assert not [line for line in core if "streamlit" in line or "sdk" in line or "tqdm" in line]
