@@ -32,7 +32,7 @@ system-deps:
 # times, serves or spawns runs alone afterwards.
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q -m parallel -n 2
-	$(PY) -m pytest -q -m concurrent -n 2 --dist loadfile
+	$(PY) -m pytest -q -m concurrent -n 2 --dist loadfile --no-loadscope-reorder
 	$(PY) -m pytest -q -m "not parallel and not concurrent"
 
 lint: $(STAMP)

@@ -55,3 +55,13 @@ def run_examples(
             out, err = proc.communicate()
         results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     return results
+
+
+LONGEST_FIRST = ("test_wheel.py", "test_dashboard_browser.py")
+"""The two longest files marked ``concurrent`` (≈ 110 s each): ``make test`` hands those
+files to its two workers in collection order (``--dist loadfile --no-loadscope-reorder``),
+so these start first, one per worker, and the short ones fill in after them."""
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable otherwise
