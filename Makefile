@@ -52,4 +52,4 @@ demo: $(STAMP)
 	$(VENV)/bin/penwatch demo
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .jax-cache build *.egg-info
