@@ -18,15 +18,21 @@ Informative rows say where the loop's rate goes: the share of each instrumented 
 time spent in Python's garbage collector (every thread stops for it), and, at 10,000
 records/s, the same loop with the monitor's parts one at a time (no sinks: the ready and
 dispatch threads alone; a sink that writes nothing: one delivery thread more; Prometheus
-alone; SQLite alone), five pairs each, the parts' order rotating from round to round.
+alone; SQLite alone), five pairs each, the parts' order rotating from round to round;
+and the CPU each of the monitor's threads spends per record in the bar rows (Linux: read
+from ``/proc/self/task``), a steadier figure than the loop's rate on a shared machine.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
+import os
+import pathlib
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -170,18 +176,50 @@ def _gc_pauses() -> Iterator[list[float]]:
         gc.callbacks.remove(callback)
 
 
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) of each telemetry thread alive, by role: ``ready``,
+    ``dispatch``, ``sink-<Name>`` (the run's name left out) and the OpenTelemetry SDK's
+    ``otel-batch-processor``; empty off Linux."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out: dict[str, float] = collections.defaultdict(float)
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return {}
+    for tid in tids:
+        name = names.get(int(tid), "")
+        if name.startswith("penwatch-sink-"):
+            role = "sink-" + name.removeprefix("penwatch-sink-")
+        elif name.startswith("penwatch-"):  # penwatch-<run>-ready, penwatch-<run>-dispatch
+            role = name.rsplit("-", 1)[1]
+        elif name.startswith("OtelBatchSpan"):  # the SDK's exporting thread
+            role = "otel-batch-processor"
+        else:
+            continue
+        try:
+            stat = pathlib.Path(f"/proc/self/task/{tid}/stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after the name: utime, stime at 11, 12
+        out[role] += (int(fields[11]) + int(fields[12])) / tick
+    return dict(out)
+
+
 def _instrumented(
     step: Any, rate: int, n: int, tmp: str, run: str, names: Sequence[str]
-) -> tuple[float, list[int], int, float]:
+) -> tuple[float, list[int], int, float, dict[str, float]]:
     """(loop rate, record() latencies in ns, most records any sink lost (or whose span
-    never reached the exporter), GC share of the loop's time) of the paced loop with a
-    monitor writing to ``names``."""
+    never reached the exporter), GC share of the loop's time, CPU seconds per record of
+    each monitor thread) of the paced loop with a monitor writing to ``names``."""
     sinks, provider, exporter = _sinks(tmp, run, names)
     monitor = pw.Monitor(run, sinks=sinks, alerts=[], close_timeout=120)
     with _gc_pauses() as paused:
+        cpu = _thread_cpu()
         start = time.perf_counter()
-        rate_kept, latencies = _loop(step, rate, n, monitor)
+        rate_kept, latencies = _loop(step, rate, n, monitor)  # until flushed
         elapsed = time.perf_counter() - start
+        cpu = {role: (s - cpu.get(role, 0.0)) / n for role, s in _thread_cpu().items()}
     monitor.close()
     if provider is not None:
         provider.shutdown()
@@ -189,7 +227,7 @@ def _instrumented(
     lost = max((stats.lost(name) for name in stats.sinks), default=sum(stats.dropped.values()))
     if exporter is not None:  # a span per record must reach the exporter
         lost = max(lost, n - exporter.spans)
-    return rate_kept, latencies, lost, paused[0] / elapsed
+    return rate_kept, latencies, lost, paused[0] / elapsed, cpu
 
 
 def run(report: Report) -> None:
@@ -201,14 +239,17 @@ def run(report: Report) -> None:
             n = int(rate * SECONDS)
             what = f"{metrics} metrics, {'+'.join(LABELS[name] for name in names)}"
             ratios, shares, lost = [], [], 0
+            cpus: dict[str, list[float]] = collections.defaultdict(list)
             for round_ in range(ROUNDS):
                 run_name = f"cap{metrics}{'otel' if 'otel' in names else ''}{round_}"
-                ratio, latencies, pair_lost, share = _pair(
+                ratio, latencies, pair_lost, share, cpu = _pair(
                     step, rate, n, tmp, run_name, names, bare_first=round_ % 2 == 0
                 )
                 print(f"  {what}: instrumented / bare {ratio:.3f}, lost {pair_lost}")
                 ratios.append(ratio)
                 shares.append(share)
+                for role, seconds in cpu.items():
+                    cpus[role].append(seconds)
                 lost += pair_lost
                 all_latencies += latencies
             ratio = statistics.median(ratios)
@@ -224,6 +265,13 @@ def run(report: Report) -> None:
                 100 * statistics.median(shares),
                 unit="%",
             )
+            for role, seconds in sorted(cpus.items()):
+                report.add(
+                    f"  CPU per record, {role} thread ({rate:,}/s, {what}; median of "
+                    f"{len(seconds)} loops)",
+                    1e6 * statistics.median(seconds),
+                    unit="us",
+                )
         _parts(report, tmp)
     median = statistics.median(all_latencies) / 1e3
     p99 = float(np.percentile(all_latencies, 99)) / 1e3
@@ -242,15 +290,16 @@ def _pair(
     names: Sequence[str],
     *,
     bare_first: bool,
-) -> tuple[float, list[int], int, float]:
+) -> tuple[float, list[int], int, float, dict[str, float]]:
     """One bare and one instrumented run of the paced loop, in the given order:
-    ``(instrumented rate / bare rate, record() latencies, lost, GC share)``."""
+    ``(instrumented rate / bare rate, record() latencies, lost, GC share, CPU seconds
+    per record by thread)``."""
     if bare_first:
         bare, _ = _loop(step, rate, n, None)
-    inst, latencies, lost, gc_share = _instrumented(step, rate, n, tmp, run_name, names)
+    inst, latencies, lost, gc_share, cpu = _instrumented(step, rate, n, tmp, run_name, names)
     if not bare_first:
         bare, _ = _loop(step, rate, n, None)
-    return inst / bare, latencies, lost, gc_share
+    return inst / bare, latencies, lost, gc_share, cpu
 
 
 def _parts(report: Report, tmp: str) -> None:
@@ -266,7 +315,7 @@ def _parts(report: Report, tmp: str) -> None:
         shift = round_ % len(PARTS)
         for label, names in PARTS[shift:] + PARTS[:shift]:
             run_name = f"part{round_}{PARTS.index((label, names))}"
-            ratio, _, part_lost, _ = _pair(
+            ratio, _, part_lost, _, _ = _pair(
                 step, PARTS_RATE, n, tmp, run_name, names, bare_first=round_ % 2 == 0
             )
             ratios[label].append(ratio)
