@@ -180,13 +180,13 @@ def _thread_cpu() -> dict[str, float]:
     """CPU seconds (user + system) of each telemetry thread alive, by role: ``ready``,
     ``dispatch``, ``sink-<Name>`` (the run's name left out) and the OpenTelemetry SDK's
     ``otel-batch-processor``; empty off Linux."""
-    names = {t.native_id: t.name for t in threading.enumerate()}
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    out: dict[str, float] = collections.defaultdict(float)
     try:
         tids = os.listdir("/proc/self/task")
     except OSError:
         return {}
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = collections.defaultdict(float)
     for tid in tids:
         name = names.get(int(tid), "")
         if name.startswith("penwatch-sink-"):
