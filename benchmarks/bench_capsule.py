@@ -1,7 +1,9 @@
 """NaN capsules (SPEC section 13): the cost of ``nan_capsule=DIR`` on the monitor MLP.
 
 The step is ``bench_monitor``'s (MLP ``256 -> W -> W -> 10``, Adam, five penalties, the
-per-leaf counts). Bare: built without ``nan_capsule``; capsules: the same builder with a
+per-leaf counts), at the same two durations (~10 ms and ~1.5 ms, the sizes calibrated on
+the machine at hand by ``bench_monitor.calibrated_size``). Bare: built without
+``nan_capsule``; capsules: the same builder with a
 :class:`penwatch.forensics.CapsuleWriter` watching every step (no step is non-finite, so
 nothing is written: what is measured is the per-step watching). Runs of 200 steps
 alternate (A/B/A/B...) and the median of the per-pair ratios must be <= 1.05. The
@@ -27,16 +29,14 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import penwatch as pw
 from benchmarks._harness import Report
-from benchmarks.bench_monitor import D_IN, N_OUT, _build, _params
+from benchmarks.bench_monitor import TARGETS, _build, _params, batch_of, calibrated_size
 
 QUICK = bool(os.environ.get("PENWATCH_BENCH_QUICK"))
 STEPS, PAIRS = (20, 3) if QUICK else (200, 21)
-SIZES = {"tiny": (32, 16)} if QUICK else {"~10 ms": (512, 256), "~1.5 ms": (128, 64)}
 BAR = 1.05
 
 
@@ -69,13 +69,16 @@ def _peak_bytes(step_fn: Any, state: Any, batch: Any) -> int:
     return peak
 
 
+def _sizes() -> dict[str, tuple[int, int]]:
+    """Step label -> (width, batch): a tiny one in quick mode, else calibrated."""
+    if QUICK:
+        return {"tiny": (32, 16)}
+    return {label: calibrated_size(label) for label in TARGETS}
+
+
 def run(report: Report) -> None:
-    for label, (width, batch_size) in SIZES.items():
-        rng = np.random.default_rng(0)
-        batch = (
-            jnp.asarray(rng.normal(size=(batch_size, D_IN)), jnp.float32),
-            jnp.asarray(rng.integers(0, N_OUT, size=batch_size), jnp.int32),
-        )
+    for label, (width, batch_size) in _sizes().items():
+        batch = batch_of(batch_size)
         params = _params(jax.random.PRNGKey(0), width)
         init_bare, bare = _build()
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,63 @@
+"""The benchmark harness's account of the machine: how much CPU other processes and the
+hypervisor took while a benchmark ran (``make bench`` prints it after each one), and the
+choice of a step size by its duration (``bench_monitor.calibrated_size``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import bench_monitor
+from benchmarks._harness import (
+    CpuTimes,
+    contention,
+    cpu_times,
+    nearest_by_ratio,
+    reference_seconds,
+)
+
+BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
+def test_a_finished_child_counts_as_the_benchmark_not_as_another_process():
+    before = cpu_times()
+    subprocess.run([sys.executable, "-c", BURN], check=True)
+    after = cpu_times()
+    assert before is not None and after is not None
+    own = after.children - before.children
+    assert own >= 0.3  # the child's user + system time, waited for
+    # the machine-wide counter saw it too (clock ticks of 10 ms: a tick's slack)
+    assert after.busy - before.busy >= own - 0.02
+    assert after.steal >= before.steal
+
+
+def test_contention_is_what_others_used_as_a_share_of_the_machine():
+    before = CpuTimes(busy=10.0, steal=1.0, children=2.0)
+    after = CpuTimes(busy=14.0, steal=1.5, children=3.0)
+    others, steal = contention(before, after, wall=2.0, cpus=2)
+    assert others == pytest.approx((4.0 - 1.0) / 4.0)  # busy but not the benchmark's
+    assert steal == pytest.approx(0.5 / 4.0)
+    # the benchmark alone on the machine: nothing for others, never below zero
+    alone = CpuTimes(busy=11.0, steal=1.0, children=3.05)
+    assert contention(before, alone, wall=1.0, cpus=2) == (0.0, 0.0)
+
+
+def test_the_step_size_is_chosen_by_ratio_to_the_target_duration():
+    # 1.0 ms is nearer 1.5 ms by difference, 2.1 ms by ratio (1.4x against 1.5x)
+    assert nearest_by_ratio([1.0e-3, 2.1e-3], 1.5e-3) == 1
+    assert nearest_by_ratio([0.9e-3, 1.4e-3, 3.0e-3], 1.5e-3) == 1
+    assert nearest_by_ratio([12e-3], 10e-3) == 0
+
+
+def test_every_step_duration_has_candidate_sizes():
+    assert set(bench_monitor.CANDIDATES) == set(bench_monitor.TARGETS)
+    for sizes in bench_monitor.CANDIDATES.values():
+        assert len(sizes) == 4  # docs/benchmarks.md: four sizes per duration
+        assert list(sizes) == sorted(sizes)  # growing: the nearest one lies among them
+
+
+def test_the_reference_workload_runs_and_is_timed():
+    assert 0 < reference_seconds(rounds=1) < 10
