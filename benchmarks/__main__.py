@@ -10,7 +10,9 @@ fails.
 
 Usage: ``python -m benchmarks [name ...]`` (names filter the modules, e.g. ``pipeline``);
 ``PENWATCH_BENCH_QUICK=1`` for a quick run (fewer repeats, small scaling sweeps, plots
-written to ``bench-results/`` instead of ``docs/img/``).
+written to ``bench-results/`` instead of ``docs/img/``). Each benchmark's rows are kept
+as JSON in ``bench-results/<name>.json`` (``PENWATCH_BENCH_RESULTS`` names another
+directory).
 
 After each benchmark three rows say how the machine fared meanwhile: the share of its
 CPUs that other processes used and the share the hypervisor took (steal), both from
@@ -44,6 +46,8 @@ from benchmarks._harness import (
 )
 
 _ROWS = "PENWATCH_BENCH_ROWS"  # where a child process writes its rows (JSON)
+RESULTS_ENV = "PENWATCH_BENCH_RESULTS"
+"""A directory for each benchmark's rows (``<name>.json``); ``bench-results/`` by default."""
 LAST = ("bench_dashboard",)
 
 
@@ -54,11 +58,12 @@ def main(argv: list[str]) -> int:
     names = sorted((p.stem for p in here.glob("bench_*.py")), key=lambda n: (n in LAST, n))
     if argv:
         names = [n for n in names if any(a in n for a in argv)]
+    results = pathlib.Path(os.environ.get(RESULTS_ENV) or here.parent / "bench-results")
     print(machine() + ("  (QUICK mode)" if quick() else ""), flush=True)
     report = Report()
     for name in names:
         print(f"== {name}", flush=True)
-        out = here.parent / "bench-results" / f"{name}.json"
+        out = results / f"{name}.json"
         out.parent.mkdir(exist_ok=True)
         out.unlink(missing_ok=True)
         env = {**os.environ, _ROWS: str(out)}

@@ -4,6 +4,8 @@ choice of a step size by its duration (``bench_monitor.calibrated_size``)."""
 
 from __future__ import annotations
 
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -18,6 +20,7 @@ from benchmarks._harness import (
     reference_seconds,
 )
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
 
 
@@ -61,3 +64,27 @@ def test_every_step_duration_has_candidate_sizes():
 
 def test_the_reference_workload_runs_and_is_timed():
     assert 0 < reference_seconds(rounds=1) < 10
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
+def test_make_bench_adds_the_machine_rows_after_each_benchmark(tmp_path):
+    env = {**os.environ, "PENWATCH_BENCH_QUICK": "1", "PENWATCH_BENCH_RESULTS": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "capsule"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    # exit 1 is a failed bar: quick mode's tiny step is not what the bar is about
+    assert proc.returncode in (0, 1), proc.stdout + proc.stderr
+    table = proc.stdout.split("| measurement |", 1)[1]
+    for row in (
+        "machine during bench_capsule: CPU used by other processes",
+        "machine during bench_capsule: CPU stolen by the hypervisor",
+        "machine before bench_capsule: fixed reference workload",
+        "machine after bench_capsule: fixed reference workload",
+    ):
+        assert f"|   {row} | " in table, row
+    assert (tmp_path / "bench_capsule.json").is_file()
