@@ -114,13 +114,10 @@ def calibrated_size(label: str) -> tuple[int, int]:
         runs.append((step_fn, state, batch))
     times: list[list[float]] = [[] for _ in runs]
     for round_ in range(CALIBRATION_ROUNDS + 1):  # the first round warms up, untimed
-        for seconds, (step_fn, state, batch) in zip(times, runs, strict=True):
-            start = time.perf_counter()
-            for _ in range(CALIBRATION_STEPS):
-                state, _ = step_fn(state, batch)
-            jax.block_until_ready(state)
+        for seconds, run in zip(times, runs, strict=True):
+            wall, _ = _bare(*run, steps=CALIBRATION_STEPS)
             if round_:
-                seconds.append((time.perf_counter() - start) / CALIBRATION_STEPS)
+                seconds.append(wall / CALIBRATION_STEPS)
     medians = [statistics.median(t) for t in times]
     best = nearest_by_ratio(medians, target)
     print(
@@ -138,9 +135,10 @@ def _cpu() -> float:
     return t.user + t.system
 
 
-def _bare(step_fn: Any, state: Any, batch: Any) -> tuple[float, float]:
+def _bare(step_fn: Any, state: Any, batch: Any, *, steps: int = STEPS) -> tuple[float, float]:
+    """``(wall seconds, process CPU seconds)`` of ``steps`` bare steps, the last made ready."""
     cpu, start = _cpu(), time.perf_counter()
-    for _ in range(STEPS):
+    for _ in range(steps):
         state, _ = step_fn(state, batch)
     jax.block_until_ready(state)
     return time.perf_counter() - start, _cpu() - cpu
