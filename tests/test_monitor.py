@@ -583,3 +583,38 @@ def test_a_nan_in_an_unrecorded_step_shows_next_only_without_skip_nonfinite(skip
     assert [r.step for r in records] == [0, 2, 4]
     assert records[0].ok and records[1].ok
     assert records[2].ok is skip
+
+
+def test_step_record_constructor_takes_every_field_with_its_default():
+    """StepRecord's hand-written ``__init__`` (one dict update, not a frozen
+    dataclass's per-field setattr) names every field, in order, with the field's
+    default, so records built by keyword, positionally or by ``dataclasses.replace``
+    are the dataclass they declare."""
+    import dataclasses
+    import inspect
+
+    from penwatch.schema import StepRecord
+
+    fields = dataclasses.fields(StepRecord)
+    params = list(inspect.signature(StepRecord).parameters.values())
+    assert [p.name for p in params] == [f.name for f in fields]
+    for field, param in zip(fields, params, strict=True):
+        if field.default is not dataclasses.MISSING:
+            assert param.default == field.default, field.name
+        elif field.default_factory is not dataclasses.MISSING:
+            assert param.default is None, field.name  # None gives a fresh default
+        else:
+            assert param.default is inspect.Parameter.empty, field.name
+    values = {"l1": 1.0, "l1_weight": 0.5, "l1_weighted": 0.5, "total": 0.5}
+    record = StepRecord("r", 0, 3, "p", 1.0, values)
+    assert record.layout == layout_of(values) and record.dropped == {}
+    assert record.kind == "pipeline_compute" and record.trace_id is None
+    other = StepRecord("r", 0, 3, "p", 1.0, values)
+    assert other.dropped is not record.dropped  # no shared mutable default
+    moved = dataclasses.replace(record, step=4, loss=2.0)
+    assert (moved.step, moved.loss, moved.values) == (4, 2.0, values)
+    assert dataclasses.replace(moved, step=3, loss=None) == record
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.step = 5  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        StepRecord("r", 0, 3, "p", 1.0, values, colour="red")  # type: ignore[call-arg]
