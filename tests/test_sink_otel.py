@@ -257,3 +257,32 @@ def test_a_record_with_its_trace_id_equals_the_dataclass_replacement():
     assert type(traced) is StepRecord and traced.trace_id == 7 and record.trace_id is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         traced.trace_id = 8  # type: ignore[misc]
+
+
+def test_a_batch_keeps_each_alert_before_its_record_and_on_its_span(memory, monkeypatch):
+    """The dispatcher takes a batch one phase at a time (build, alerts, spans); every
+    sink still sees each step's events just before its record, each record carries its
+    own span's trace id, and an alert lands on the span of the step that fired it."""
+    from penwatch.schema import Event
+    from penwatch.telemetry import _intake
+
+    monkeypatch.setattr(_intake, "DISPATCH_DELAY", 0.5)  # the steps below: one batch
+    provider, exporter = memory
+    seen: list = []
+    sink = pw.sinks.Callback(seen.append, on_event=seen.append)
+    with pw.Monitor("batch", sinks=[pw.sinks.OpenTelemetry(provider), sink]) as monitor:
+        for step in range(8):
+            value = float("nan") if step in (3, 6) else 0.5 * step
+            monitor.record(step, {"l1": value, "l1_weight": 1.0, "l1_weighted": value})
+    kinds = [("event" if isinstance(item, Event) else "record", item.step) for item in seen]
+    assert kinds == [("record", 0), ("record", 1), ("record", 2), ("event", 3),
+                     ("record", 3), ("record", 4), ("record", 5), ("event", 6),
+                     ("record", 6), ("record", 7)]  # fmt: skip
+    spans = {s.attributes["penwatch.step"]: s for s in exporter.get_finished_spans()}
+    records = [item for item in seen if not isinstance(item, Event)]
+    assert len({r.trace_id for r in records}) == 8
+    for record in records:
+        assert record.trace_id == spans[record.step].context.trace_id
+    for step in (3, 6):
+        assert [e.name for e in spans[step].events] == ["penwatch.alert", "penwatch.nonfinite"]
+    assert not any(spans[step].events for step in (0, 1, 2, 4, 5, 7))

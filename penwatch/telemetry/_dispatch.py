@@ -118,33 +118,43 @@ class Dispatch:
 
     def handle(self, items: list[Item]) -> None:
         """Build the records of a batch of ready items, then fan them out together (one
-        lock per sink per batch: fewer hand-offs competing with training for the GIL)."""
-        out: list[StepRecord | Event] = []
-        records = 0
-        for record in self._records(items):
-            events = self._drop_events(record) + self.evaluate(record)
-            trace_id = None
-            for worker in self._tracers:
-                try:
-                    trace_id = worker.sink.begin_step(record) or trace_id
-                except Exception as exc:
-                    worker.errors += 1
-                    logger.debug("penwatch sink %s: begin_step failed: %s", worker.name, exc)
-            if trace_id:
-                record = record.with_trace_id(trace_id)
-            out.extend(events)
-            out.append(record)
-            records += 1
-        if not out:
+        lock per sink per batch: fewer hand-offs competing with training for the GIL).
+
+        The batch goes through one phase at a time (every record built, then every
+        record shown to the alerts, then every span begun), not record by record: next
+        to a busy device each wake-up starts from cold caches, and a phase repeated
+        over the batch runs warm after its first record. At a ~10 ms step this took the
+        dispatcher from ≈ 430 to ≈ 320 µs of CPU per step (docs/benchmarks.md).
+        """
+        records = list(self._records(items))
+        if not records:
             return
+        events = [self._drop_events(record) + self.evaluate(record) for record in records]
+        if self._tracers:
+            records = [self._begin_step(record) for record in records]
+        out: list[StepRecord | Event] = []
+        for before, record in zip(events, records, strict=True):
+            out.extend(before)
+            out.append(record)
         intake = self.intake
         with intake.fanout_lock if intake else _NO_LOCK:
             if intake is not None and intake.sealed:
-                intake.abandoned += records
+                intake.abandoned += len(records)
                 return
-            self.processed += records
+            self.processed += len(records)
             for worker in self.workers:
                 worker.put_many(out)
+
+    def _begin_step(self, record: StepRecord) -> StepRecord:
+        """Open the record's span in every tracing sink; the record with its trace id."""
+        trace_id = None
+        for worker in self._tracers:
+            try:
+                trace_id = worker.sink.begin_step(record) or trace_id
+            except Exception as exc:
+                worker.errors += 1
+                logger.debug("penwatch sink %s: begin_step failed: %s", worker.name, exc)
+        return record.with_trace_id(trace_id) if trace_id else record
 
     def _records(self, items: list[Item]) -> Iterator[StepRecord]:
         """The records of a batch, in order. Runs of ``Metrics`` of one structure whose
