@@ -197,8 +197,10 @@ class Dispatch:
         dropped = self.losses()
         unpacked = first.unpacked_keys
         leaf_tree = LEAF_COUNTS in unpacked
-        for item, row in zip(run, rows, strict=True):
-            if unpacked and _leaves_or_error(item.payload[0]):
+        # every in-step total read first, in one pass (warm, as handle's phases are)
+        alone = [_leaves_or_error(item.payload[0]) for item in run] if unpacked else ()
+        for i, (item, row) in enumerate(zip(run, rows, strict=True)):
+            if alone and alone[i]:
                 record = self._record(item)  # a bad leaf somewhere: its report, built alone
                 if record is not None:
                     yield record
