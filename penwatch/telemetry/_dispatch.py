@@ -198,9 +198,9 @@ class Dispatch:
         unpacked = first.unpacked_keys
         leaf_tree = LEAF_COUNTS in unpacked
         # every in-step total read first, in one pass (warm, as handle's phases are)
-        alone = [_leaves_or_error(item.payload[0]) for item in run] if unpacked else ()
-        for i, (item, row) in enumerate(zip(run, rows, strict=True)):
-            if alone and alone[i]:
+        alone = [bool(unpacked) and _leaves_or_error(item.payload[0]) for item in run]
+        for item, row, by_itself in zip(run, rows, alone, strict=True):
+            if by_itself:
                 record = self._record(item)  # a bad leaf somewhere: its report, built alone
                 if record is not None:
                     yield record
