@@ -135,6 +135,20 @@ def _builtin_pipe() -> pw.Pipeline:
     )
 
 
+def _shared_basis_pipe() -> pw.Pipeline:
+    """Penalties whose gradients share the ``sign(x)`` and ``x`` bases (their coefficients
+    are added before the total's reduction), beside entropy's own basis."""
+    return pw.pipeline(
+        [
+            ("l1", 1e-2),
+            ("l2", 0.1),
+            ("elastic_net", 0.05, {"l1_ratio": 0.3}),
+            ("entropy", 0.2, {"mode": "bonus"}),
+            ("output_magnitude", 0.3, {"target": 0.5, "reduction": "sum"}),
+        ]
+    )
+
+
 def _as_custom(pipe: pw.Pipeline) -> pw.Pipeline:
     """The same penalties as user functions: the fallback path (one VJP each)."""
     out = pw.Pipeline()
@@ -154,15 +168,16 @@ def _logprobs(shape: tuple[int, int]) -> jax.Array:
     return x.at[0, 2].set(-60.0).at[3, 0].set(0.0)
 
 
+@pytest.mark.parametrize("build", [_builtin_pipe, _shared_basis_pipe], ids=["options", "shared"])
 @pytest.mark.parametrize("mix", [False, True], ids=["builtins", "mixed"])
 @pytest.mark.parametrize("shape", [(40, 70), (160, 120)])
-def test_fused_path_equals_fallback(mix, shape):
+def test_fused_path_equals_fallback(build, mix, shape):
     x = _logprobs(shape)
-    fused, fallback = _builtin_pipe(), _as_custom(_builtin_pipe())
+    fused, fallback = build(), _as_custom(build())
     if mix:
         fused, fallback = _mixed(fused), _mixed(fallback)
     assert all(
-        isinstance(fused._grad_term(s, x), ClosedFormTerm) == (s.name in _builtin_pipe())
+        isinstance(fused._grad_term(s, x), ClosedFormTerm) == (s.name in build())
         for s in fused._specs
     )
     assert (len(fused) + 1) * x.size > STACK_MAX_ELEMENTS  # the closed forms are used

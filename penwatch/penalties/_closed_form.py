@@ -13,8 +13,12 @@ of it the penalty's own forward reductions:
   \lVert\nabla\,\mathrm{om}\rVert = 2\,|m - t| / \sqrt{N_{\mathrm{mean}}}
 
 with ``c`` the strength (over ``N`` for ``reduction="mean"``). No gradient is
-materialized: :class:`InputGrad` carries the squared norm and a builder of the
-gradient expression (for a weighted total, which XLA fuses into its reduction).
+materialized: :class:`InputGrad` carries the sums of the squared norm and the gradient
+as scalars times element-wise bases. ``sign(x)`` and ``x`` are bases shared by
+``l1``, ``l2``, ``elastic_net`` and ``output_magnitude``, so a weighted total adds their
+coefficients first: its reduction computes ``A sign(x) + B x + ...``, one multiply per
+basis instead of one chain per penalty (on XLA:CPU the total's fusion over
+``[1024, 256]`` log-probabilities went from ≈ 167 to ≈ 73 µs).
 
 Subgradients follow autodiff through the penalty itself: ``sign(0) = 0``; on the clipping
 boundary ``|x - c| = v`` half the gradient passes (``jnp.clip``'s min/max split a tie);
@@ -42,24 +46,55 @@ from penwatch.penalties._norms import elastic_net, l1, l2
 __all__ = ["InputGrad", "has_input_grad", "input_grad"]
 
 
+SIGN = "sign"
+"""A shared basis: ``sign`` of the (upcast) input."""
+INPUT = "input"
+"""A shared basis: the (upcast) input itself."""
+
+Basis = str | jax.Array
+"""One element-wise factor of a gradient: :data:`SIGN`, :data:`INPUT`, or the
+penalty's own input-shaped expression."""
+
+
+def basis_array(basis: Basis, y: jax.Array) -> jax.Array:
+    """The array a basis stands for on the (upcast) input ``y``."""
+    if isinstance(basis, str):
+        return jnp.sign(y) if basis == SIGN else y
+    return basis
+
+
 class InputGrad(NamedTuple):
     r"""A penalty's input gradient in closed form.
 
-    The squared norm is ``finish(sums)`` where ``sums`` are the totals of the element-wise
-    expressions ``terms()``: a caller sums them next to its other expressions over the
-    same input (``penwatch.pipelines.fused_grad_norms``: one reduction each, fused with
-    its producer, or one stacked reduction for small inputs).
+    The gradient is a linear combination :math:`\nabla_x f = \sum_k a_k b_k` of scalars
+    :math:`a_k` and element-wise expressions :math:`b_k` of the input (``parts``). A caller
+    combining several penalties on one input adds the coefficients of the shared bases
+    (:data:`SIGN`, :data:`INPUT`) first, so the weighted total's gradient costs one
+    multiply per basis in its reduction, not one per penalty. The squared norm is
+    ``finish(sums)`` where ``sums`` are the totals of the element-wise expressions
+    ``terms()``: a caller sums them next to its other expressions over the same input
+    (``penwatch.pipelines.fused_grad_norms``: one reduction each, fused with its
+    producer; sums equal to a forward reduction's are shared with it by XLA).
 
     Attributes:
+      input: the (upcast) input the bases are taken of.
       terms: builds the element-wise expressions to sum (input-shaped, compute dtype).
       finish: maps their sums to :math:`\lVert \nabla_x f(x) \rVert_2^2`.
-      grad: builds :math:`\nabla_x f(x)` as an element-wise expression (compute dtype);
-        call it only where it feeds a reduction, so that it is never materialized.
+      parts: builds the ``(coefficient, basis)`` pairs of the gradient.
     """
 
+    input: jax.Array
     terms: Callable[[], tuple[jax.Array, ...]]
     finish: Callable[[tuple[jax.Array, ...]], jax.Array]
-    grad: Callable[[], jax.Array]
+    parts: Callable[[], tuple[tuple[jax.Array, Basis], ...]]
+
+    def grad(self) -> jax.Array:
+        r""":math:`\nabla_x f(x)` as an element-wise expression (compute dtype); call it
+        only where it feeds a reduction, so that it is never materialized."""
+        return sum(
+            (a * basis_array(b, self.input) for a, b in self.parts()),
+            jnp.zeros((), self.input.dtype),
+        )
 
     @property
     def sq_norm(self) -> jax.Array:
@@ -67,9 +102,12 @@ class InputGrad(NamedTuple):
         return self.finish(tuple(jnp.sum(t) for t in self.terms()))
 
 
-def _own(grad: Callable[[], jax.Array]) -> InputGrad:
-    """The squared norm as the sum of the squared gradient expression."""
-    return InputGrad(lambda: (jnp.square(grad()),), lambda sums: sums[0], grad)
+def _linear(y: jax.Array, coef: jax.Array, basis: Basis) -> InputGrad:
+    """The gradient ``coef * basis``: its squared norm is ``coef² Σ basis²``."""
+    b = basis_array(basis, y)
+    return InputGrad(
+        y, lambda: (b * b,), lambda sums: coef * coef * sums[0], lambda: ((coef, basis),)
+    )
 
 
 def _options(fn: Callable[..., Any], x: jax.Array, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -83,16 +121,24 @@ def _scale(strength: Any, reduction: str, size: int, dtype: Any) -> jax.Array:
     return c / size if reduction == "mean" else c
 
 
+def _nonzero(y: jax.Array) -> jax.Array:
+    """1 where ``y != 0``, 0 at zeros (NaN at NaN, as autodiff's ``sign``): spelled with
+    ``sign`` so that it shares the total's :data:`SIGN` basis (XLA:CPU fuses a ``sign``
+    into a reduction, a comparison it writes out as an input-sized array first)."""
+    return jnp.square(jnp.sign(y))
+
+
 def _l1(y: jax.Array, o: dict[str, Any]) -> InputGrad:
     c = _scale(o["strength"], o["reduction"], y.size, y.dtype)
-    return InputGrad(
-        lambda: ((y != 0).astype(y.dtype),), lambda sums: c * c * sums[0], lambda: c * jnp.sign(y)
-    )
+    return InputGrad(y, lambda: (_nonzero(y),), lambda sums: c * c * sums[0], lambda: ((c, SIGN),))
 
 
 def _l2(y: jax.Array, o: dict[str, Any]) -> InputGrad:
     c = _scale(o["strength"], o["reduction"], y.size, y.dtype)
     center, clip = o["center"], o["clip"]
+    if center is None and clip is None:
+        # Σ (2c y)² = 4c² Σ y², the forward's own sum
+        return _linear(y, 2 * c, INPUT)
     if isinstance(center, str):  # "mean"
         z = y - jnp.mean(y)
     elif center is not None:
@@ -108,10 +154,8 @@ def _l2(y: jax.Array, o: dict[str, Any]) -> InputGrad:
         u = z
     if isinstance(center, str):
         # the centering's Jacobian I - 11ᵀ/N subtracts the mean of the inner gradient
-        mean_u = jnp.mean(u)
-
-        return _own(lambda: 2 * c * (u - mean_u))
-    return _own(lambda: 2 * c * u)
+        u = u - jnp.mean(u)
+    return _linear(y, 2 * c, u)
 
 
 def _elastic_net(y: jax.Array, o: dict[str, Any]) -> InputGrad:
@@ -119,13 +163,13 @@ def _elastic_net(y: jax.Array, o: dict[str, Any]) -> InputGrad:
     r = jnp.asarray(o["l1_ratio"], y.dtype)
 
     def terms() -> tuple[jax.Array, ...]:
-        return ((y != 0).astype(y.dtype), jnp.abs(y), y * y)
+        return (_nonzero(y), jnp.abs(y), y * y)
 
     def finish(sums: tuple[jax.Array, ...]) -> jax.Array:
         nonzero, abs_sum, sq_sum = sums
         return c * c * (r * r * nonzero + 4 * r * (1 - r) * abs_sum + 4 * (1 - r) ** 2 * sq_sum)
 
-    return InputGrad(terms, finish, lambda: c * (r * jnp.sign(y) + 2 * (1 - r) * y))
+    return InputGrad(y, terms, finish, lambda: ((c * r, SIGN), (2 * c * (1 - r), INPUT)))
 
 
 def _entropy(lp: jax.Array, o: dict[str, Any]) -> InputGrad:
@@ -137,6 +181,7 @@ def _entropy(lp: jax.Array, o: dict[str, Any]) -> InputGrad:
     if o["reduction"] == "mean":
         c = c / max(rows, 1)
     temperature = o["temperature"]
+    y = lp
     if temperature != 1.0:
         lp = jax.nn.log_softmax(lp / temperature, axis=-1)
     mask = entropy_mask(lp)
@@ -145,11 +190,10 @@ def _entropy(lp: jax.Array, o: dict[str, Any]) -> InputGrad:
     # d/d lp of -p log p = -p (log p + 1); masked terms are constants (double where)
     v = jnp.where(mask, -p * (safe + 1), 0.0)
     if temperature == 1.0:
-        return _own(lambda: c * v)
+        return _linear(y, c, v)
     # back through log_softmax(z / T): (v - softmax(z) · Σ_row v) / T
     row_sum = jnp.sum(v, axis=-1, keepdims=True)
-
-    return _own(lambda: (c / temperature) * (v - jnp.exp(lp) * row_sum))
+    return _linear(y, c / temperature, v - jnp.exp(lp) * row_sum)
 
 
 def _output_magnitude(z: jax.Array, o: dict[str, Any]) -> InputGrad:
@@ -161,7 +205,7 @@ def _output_magnitude(z: jax.Array, o: dict[str, Any]) -> InputGrad:
     # ∇ = 2 (m - t) z / (n m): its norm is 2 |m - t| / sqrt(n); zero at z = 0
     sq_norm = jnp.where(pos, 4 * err * err / n, 0.0)
     inv = jnp.where(pos, 2 * err / (n * jnp.where(pos, mag, 1.0)), 0.0)
-    return InputGrad(lambda: (), lambda sums: sq_norm, lambda: inv * z)
+    return InputGrad(z, lambda: (), lambda sums: sq_norm, lambda: ((inv, INPUT),))
 
 
 _TABLE: dict[Callable[..., Any], Callable[[jax.Array, dict[str, Any]], InputGrad]] = {

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from penwatch.penalties._closed_form import InputGrad
+from penwatch.penalties._closed_form import InputGrad, basis_array
 
 __all__ = ["ClosedFormTerm", "fused_grad_norms", "grad_norms"]
 
@@ -234,8 +234,10 @@ def fused_grad_norms(
     vjp_idx = [i for i in range(k) if i not in closed]
     values: list[Any] = [None] * k
     sq: list[Any] = [None] * k
-    # per input leaf: the weighted gradients that enter the total
+    # per input leaf: the weighted gradients that enter the total, as arrays (VJPs and
+    # the closed forms' own bases) and as summed coefficients of the shared bases
     parts: dict[int, list[jax.Array]] = {}
+    shared: dict[int, dict[str, jax.Array]] = {}
     if vjp_idx:
         vjp_values, vjp_grads, diff_pos = _vjps([terms[i] for i in vjp_idx], inputs)
         acc = _accumulation_dtype(jnp.result_type(*vjp_values))
@@ -252,8 +254,16 @@ def fused_grad_norms(
         values[i] = _scalar(i, t.fn)(inputs)
         forms[i] = t.grad(leaves[t.leaf])
         if w is not None:
-            g = forms[i].grad()
-            parts.setdefault(t.leaf, []).append(w[i].astype(g.dtype) * g)
+            for coef, basis in forms[i].parts():
+                wc = w[i].astype(coef.dtype) * coef
+                if isinstance(basis, str):
+                    coefs = shared.setdefault(t.leaf, {})
+                    coefs[basis] = coefs[basis] + wc if basis in coefs else wc
+                else:
+                    parts.setdefault(t.leaf, []).append(wc * basis)
+    for pos, coefs in shared.items():
+        y = next(forms[i].input for i, t in closed.items() if t.leaf == pos)
+        parts.setdefault(pos, []).extend(c * basis_array(b, y) for b, c in coefs.items())
     acc = _accumulation_dtype(jnp.result_type(*values, *(s for s in sq if s is not None)))
     total_sq = jnp.zeros((), acc)
     for pos in sorted({t.leaf for t in closed.values()} | set(parts)):
