@@ -136,12 +136,14 @@ def test_incremental_reads_return_only_new_rows(tmp_path):
     w.close()
 
 
-@pytest.mark.parametrize("writers", [1, 2])
+@pytest.mark.parametrize("writers", [1, 2, "shuffled"])
 def test_rollups_equal_an_independent_numpy_aggregation(tmp_path, writers):
     path = tmp_path / "s.db"
     # Several flushes, so buckets are merged across transactions; NaN, Inf and a spike.
     # With two writers the second (a resumed run: nothing cached) fills the odd steps
     # below 1000 into buckets the first stored, backwards, then the steps after 1000.
+    # Shuffled: one writer whose later batches return to buckets it wrote earlier (the
+    # writer queries the file only for buckets at or below the highest it knows there).
     records = list(
         synthetic_run(
             "r",
@@ -154,6 +156,9 @@ def test_rollups_equal_an_independent_numpy_aggregation(tmp_path, writers):
     )
     if writers == 1:
         _write(path, records, batch_size=97)
+    elif writers == "shuffled":
+        order = np.random.default_rng(3).permutation(len(records))
+        _write(path, [records[i] for i in order], batch_size=97)
     else:
         first = [r for r in records if r.step < 1000 and r.step % 2 == 0]
         second = [r for r in records if r.step < 1000 and r.step % 2][::-1]

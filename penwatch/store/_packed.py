@@ -205,11 +205,20 @@ def coarsen(agg: dict[str, np.ndarray], factor: int) -> dict[str, np.ndarray]:
         "n_inf": np.add.reduceat(agg["n_inf"], starts, axis=0),
         "vmin": np.fmin.reduceat(agg["vmin"], starts, axis=0),  # fmin/fmax skip NaN:
         "vmax": np.fmax.reduceat(agg["vmax"], starts, axis=0),  # a bucket with no finite
-        "vsum": np.add.reduceat(np.nan_to_num(agg["vsum"], nan=0.0), starts, axis=0),
+        "vsum": np.add.reduceat(zero_nan(agg["vsum"]), starts, axis=0),
     }
     none = out["n"] - out["n_nan"] - out["n_inf"] == 0  # value holds NaN there
     out["vsum"][none] = np.nan
     return out
+
+
+def zero_nan(values: np.ndarray) -> np.ndarray:
+    """``values`` with NaN as 0 (a sum over no finite value adds nothing).
+
+    Two ufunc calls: ``np.nan_to_num`` costs ≈ 14 µs a call on the small arrays of a
+    batch (its Python-level dtype handling), a dozen calls per batch at every width.
+    """
+    return np.where(np.isnan(values), 0.0, values)
 
 
 def split_buckets(agg: dict[str, np.ndarray]) -> list[tuple[int, dict[str, np.ndarray]]]:
@@ -241,7 +250,7 @@ def merge_bucket(old: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> dict
         "vsum": np.where(
             np.isnan(old["vsum"]) & np.isnan(new["vsum"]),
             np.nan,
-            np.nan_to_num(old["vsum"]) + np.nan_to_num(new["vsum"]),
+            zero_nan(old["vsum"]) + zero_nan(new["vsum"]),
         ),
         "step_lo": min(old["step_lo"], new["step_lo"]),
         "step_hi": max(old["step_hi"], new["step_hi"]),

@@ -80,6 +80,9 @@ class StoreWriter:
         self._series_ids: dict[tuple[int, str, str], int] = {}
         self._layouts: dict[tuple[int, str, Any], int] = {}
         self._buckets: dict[tuple[int, int], tuple[int, dict[str, Any]]] = {}
+        # (layout, width) -> the highest bucket in the file (read once, then kept up to
+        # date): a batch's buckets above it are new, so no query is needed for them
+        self._top_bucket: dict[tuple[int, int], float] = {}
         self._pending: collections.deque[StepRecord | Event] = collections.deque()
         self._pending_ids: set[int] = set()
         self._notes: list[Event] = []
@@ -213,10 +216,15 @@ class StoreWriter:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        self._forget_file()
+
+    def _forget_file(self) -> None:
+        """Drop what was learned from or assigned in the file (ids, open buckets)."""
         self._run_ids.clear()
         self._series_ids.clear()
         self._layouts.clear()
         self._buckets.clear()
+        self._top_bucket.clear()
 
     def _write_heartbeat(self, conn: sqlite3.Connection) -> None:
         now = time.time()
@@ -250,10 +258,7 @@ class StoreWriter:
             self._conn.close()
             self._conn = None
             self.recreated += 1
-            self._run_ids.clear()
-            self._series_ids.clear()
-            self._layouts.clear()
-            self._buckets.clear()
+            self._forget_file()
             now = time.time()
             for run, process in self._infos:
                 self._notes.append(
@@ -391,7 +396,9 @@ class StoreWriter:
                 agg, last = _packed.coarsen(agg, width // last), width
             parts = _packed.split_buckets(agg)
             held = self._buckets.get((layout_id, width))
-            stored = self._stored_buckets(conn, layout_id, width, parts[0][0], parts[-1][0])
+            stored = self._stored_buckets(
+                conn, layout_id, width, [b for b, _ in parts if held is None or b != held[0]]
+            )
             rows = []
             for bucket, part in parts:
                 old = held[1] if held is not None and held[0] == bucket else stored.get(bucket)
@@ -399,6 +406,8 @@ class StoreWriter:
                 rows.append((layout_id, width, bucket, *_packed.encode_bucket(merged)))
             # the open bucket (the batch's last) is kept here: read from the file once
             self._buckets[(layout_id, width)] = (parts[-1][0], merged)
+            top = self._top_bucket[(layout_id, width)]
+            self._top_bucket[(layout_id, width)] = max(top, parts[-1][0])
             insert_rows(
                 conn,
                 "INSERT INTO rollups (layout_id, width, bucket, step_lo, step_hi, n, n_nan,"
@@ -411,14 +420,28 @@ class StoreWriter:
             )
 
     def _stored_buckets(
-        self, conn: sqlite3.Connection, layout_id: int, width: int, lo: int, hi: int
+        self, conn: sqlite3.Connection, layout_id: int, width: int, buckets: list[int]
     ) -> dict[int, dict[str, Any]]:
-        """The stored buckets ``lo..hi`` of one layout and width (one query; none when the
-        run is new, some when it resumed over steps it had written before)."""
+        """The stored rows among ``buckets`` (sorted) of one layout and width.
+
+        One query for the file's highest bucket the first time, then one only when some
+        of ``buckets`` lie at or below it (a resumed run over steps written before, or
+        steps arriving out of order): a run writing forward queries nothing per batch.
+        """
+        key = (layout_id, width)
+        top = self._top_bucket.get(key)
+        if top is None:
+            (highest,) = conn.execute(
+                "SELECT max(bucket) FROM rollups WHERE layout_id = ? AND width = ?", key
+            ).fetchone()
+            top = self._top_bucket[key] = -math.inf if highest is None else highest
+        known = [b for b in buckets if b <= top]
+        if not known:
+            return {}
         rows = conn.execute(
             "SELECT bucket, step_lo, step_hi, n, n_nan, n_inf, vmin, vmax, vsum FROM rollups"
             " WHERE layout_id = ? AND width = ? AND bucket BETWEEN ? AND ?",
-            (layout_id, width, lo, hi),
+            (layout_id, width, known[0], known[-1]),
         ).fetchall()
         return {row[0]: _packed.decode_bucket(row[1:]) for row in rows}
 
