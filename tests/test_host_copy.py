@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import penwatch as pw
-from penwatch.schema._host import SMALL_BYTES, host_copy
+from penwatch.schema._host import SMALL_BYTES, host_copy, host_rows
 
 
 @pytest.mark.parametrize(
@@ -42,6 +42,35 @@ def test_host_copy_equals_np_asarray(value):
     want = np.asarray(value)
     assert got.dtype == want.dtype and got.shape == want.shape
     assert got.tobytes() == want.tobytes()  # bit for bit (NaN included)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [jnp.arange(7, dtype=jnp.float32) / (i + 1) for i in range(5)],
+        [jnp.array([True, False, i % 2 == 0]) for i in range(3)],
+        [jnp.array([1.5, -2.25, jnp.nan, jnp.inf], dtype=jnp.bfloat16) * i for i in range(3)],
+        [jnp.arange(4.0) + i for i in range(2)] + [np.arange(4.0, dtype=np.float32)],
+        [jnp.arange(3.0), jnp.arange(3, dtype=jnp.int32), jnp.ones(3)],  # one other dtype
+        [jnp.arange(12, dtype=jnp.float32).reshape(3, 4)] * 2,  # 2-d: stacked
+        [jnp.zeros(SMALL_BYTES // 4 + 1, jnp.float32)] * 2,  # too big: np.asarray
+    ],
+    ids=["f32", "bool", "bf16", "numpy-row", "mixed-dtype", "2d", "large"],
+)
+def test_host_rows_equal_stacked_np_asarray(values):
+    got = host_rows(values)
+    want = np.stack([np.asarray(v) for v in values])
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert got.tobytes() == want.tobytes()  # bit for bit (NaN included)
+
+
+def test_host_rows_refuse_a_deleted_array_and_other_shapes():
+    rows = [jnp.arange(3.0), jnp.arange(3.0) + 1, jnp.arange(3.0) + 2]
+    rows[1].delete()
+    with pytest.raises(RuntimeError):
+        host_rows(rows)
+    with pytest.raises(ValueError):
+        host_rows([jnp.arange(3.0), jnp.arange(4.0)])
 
 
 def test_host_copy_waits_for_a_running_computation_and_refuses_deleted_arrays():

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-__all__ = ["SMALL_BYTES", "host_copy"]
+__all__ = ["SMALL_BYTES", "host_copy", "host_rows"]
 
 SMALL_BYTES = 1 << 16
 """Largest buffer copied by address (metrics buffers are a few hundred bytes)."""
@@ -56,6 +57,49 @@ def host_copy(array: Any) -> np.ndarray:
                 out = np.frombuffer(raw, dtype)
                 return out if len(shape) == 1 else out.reshape(shape)
     return np.asarray(array)
+
+
+def host_rows(arrays: Sequence[Any]) -> np.ndarray:
+    """``np.stack([host_copy(a) for a in arrays])``, copied into one block.
+
+    Each small, ready CPU array of the first one's dtype and 1-d shape is copied by
+    address straight into its row (checked as :func:`host_copy` checks, without a bytes
+    object and a NumPy view per array: ≈ 0.9 against ≈ 1.9 µs per array for the
+    dispatcher, which reads every recorded step's buffers this way); any other goes
+    through :func:`host_copy` (and so raises as it does).
+
+    Args:
+      arrays: one or more arrays (JAX or NumPy).
+    """
+    first = arrays[0]
+    dtype, shape = np.dtype(first.dtype), tuple(first.shape)
+    if len(shape) != 1 or not 0 < shape[0] * dtype.itemsize <= SMALL_BYTES:
+        return np.stack([host_copy(a) for a in arrays])
+    nbytes = shape[0] * dtype.itemsize
+    out = np.empty((len(arrays), shape[0]), dtype)
+    base = out.ctypes.data
+    for i, array in enumerate(arrays):
+        if (
+            type(array) in _ARRAY_TYPES
+            and not array.is_deleted()
+            and array.platform() == "cpu"
+            and array.is_ready()
+            and array.dtype == dtype
+            and array.shape == shape
+        ):
+            try:
+                address = array.unsafe_buffer_pointer()
+            except Exception:
+                address = None
+            if address is not None:
+                ctypes.memmove(base + i * nbytes, address, nbytes)
+                if not array.is_deleted():  # deleted meanwhile: the bytes may be stale
+                    continue
+        row = host_copy(array)
+        if row.shape != shape or row.dtype != dtype:  # np.stack refuses or promotes
+            return np.stack([host_copy(a) for a in arrays])
+        out[i] = row
+    return out
 
 
 _ARRAY_TYPES: set[type] = set()

@@ -32,7 +32,7 @@ from typing import Any, Self
 import jax
 import numpy as np
 
-from penwatch.schema._host import host_copy
+from penwatch.schema._host import host_rows
 from penwatch.schema._packing import (
     _Builder,
     _check_penalties,
@@ -388,16 +388,13 @@ class Metrics(Mapping[str, jax.Array]):
             raise ValueError("penwatch.Metrics.scalar_rows: the items differ in structure")
         blocks = []
         for group in range(len(many[0]._buffers)):
-            hosts = []
-            for m in many:
-                buf = m._buffers[group]
-                if isinstance(buf, jax.core.Tracer):
-                    raise TypeError(
-                        "penwatch.Metrics: the buffers are traced (inside jit/vmap/grad); "
-                        "read the values on the host, from the returned metrics"
-                    )
-                hosts.append(host_copy(buf))
-            block = np.stack(hosts)
+            buffers = [m._buffers[group] for m in many]
+            if any(isinstance(buf, jax.core.Tracer) for buf in buffers):
+                raise TypeError(
+                    "penwatch.Metrics: the buffers are traced (inside jit/vmap/grad); "
+                    "read the values on the host, from the returned metrics"
+                )
+            block = host_rows(buffers)
             if block.ndim != 2:
                 raise ValueError(
                     "penwatch.Metrics: needs unbatched buffers (one value per key), got "
