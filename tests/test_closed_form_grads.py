@@ -229,6 +229,25 @@ def test_multi_pipeline_uses_closed_forms():
     )
 
 
+def test_shared_bases_are_summed_per_input():
+    """Two inputs, each with penalties sharing the sign(x) and x bases: the coefficients
+    of one input's bases never reach the other's (the total equals autodiff's)."""
+    x = jax.random.normal(jax.random.key(1), (80, 50), jnp.float64)
+    multi = (
+        pw.MultiPipeline()
+        .add("l1", inputs=("h",), weight=0.1)
+        .add("l2", inputs=("h",), weight=0.2)
+        .add("elastic_net", inputs=("p",), weight=0.3)
+        .add("output_magnitude", inputs=("p",), weight=0.4)
+    )
+    inputs = {"h": x, "p": 2 * x + 1}
+    assert all(isinstance(multi._grad_term(s, inputs), ClosedFormTerm) for s in multi._specs)
+    _, m = multi.compute(inputs, track_grad_norms=True)
+    grads = jax.grad(multi.compute_total)(inputs)
+    total = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads)))
+    np.testing.assert_allclose(m["total_grad_norm"], total, rtol=1e-12)
+
+
 def test_small_inputs_take_the_stacked_vjp_path(monkeypatch):
     """Below the stacking size the closed forms are not used (fewer kernels), same norms."""
     from penwatch.pipelines import _grad_norms
