@@ -40,23 +40,33 @@ def host_copy(array: Any) -> np.ndarray:
         if not isinstance(array, jax.Array) or isinstance(array, jax.core.Tracer):
             return np.asarray(array)
         _ARRAY_TYPES.add(kind)
-    if (
-        not array.is_deleted()  # platform() of a deleted array crashes jaxlib 0.10
-        and array.platform() == "cpu"
-        and array.is_ready()
-    ):
-        dtype, shape = array.dtype, array.shape
-        nbytes = math.prod(shape) * dtype.itemsize
-        try:
-            address = array.unsafe_buffer_pointer()  # raises for sharded or deleted arrays
-        except Exception:
-            address = None
-        if address is not None and 0 < nbytes <= SMALL_BYTES:
+    dtype, shape = array.dtype, array.shape
+    nbytes = math.prod(shape) * dtype.itemsize
+    if 0 < nbytes <= SMALL_BYTES:
+        address = _address(array)
+        if address is not None:
             raw = ctypes.string_at(address, nbytes)  # a copy; ctypes keeps the GIL here
             if not array.is_deleted():  # deleted meanwhile: the bytes may be stale
                 out = np.frombuffer(raw, dtype)
                 return out if len(shape) == 1 else out.reshape(shape)
     return np.asarray(array)
+
+
+def _address(array: Any) -> int | None:
+    """The buffer address of a ready, not deleted, unsharded CPU ``jax.Array`` of a
+    concrete type :func:`host_copy` has seen; None for any other array. A copy from it
+    must be followed by an ``is_deleted()`` check (donated meanwhile: stale bytes)."""
+    if (
+        type(array) not in _ARRAY_TYPES
+        or array.is_deleted()  # platform() of a deleted array crashes jaxlib 0.10
+        or array.platform() != "cpu"
+        or not array.is_ready()
+    ):
+        return None
+    try:
+        return array.unsafe_buffer_pointer()  # raises for sharded or deleted arrays
+    except Exception:
+        return None
 
 
 def host_rows(arrays: Sequence[Any]) -> np.ndarray:
@@ -79,22 +89,11 @@ def host_rows(arrays: Sequence[Any]) -> np.ndarray:
     out = np.empty((len(arrays), shape[0]), dtype)
     base = out.ctypes.data
     for i, array in enumerate(arrays):
-        if (
-            type(array) in _ARRAY_TYPES
-            and not array.is_deleted()
-            and array.platform() == "cpu"
-            and array.is_ready()
-            and array.dtype == dtype
-            and array.shape == shape
-        ):
-            try:
-                address = array.unsafe_buffer_pointer()
-            except Exception:
-                address = None
-            if address is not None:
-                ctypes.memmove(base + i * nbytes, address, nbytes)
-                if not array.is_deleted():  # deleted meanwhile: the bytes may be stale
-                    continue
+        address = _address(array) if array.dtype == dtype and array.shape == shape else None
+        if address is not None:
+            ctypes.memmove(base + i * nbytes, address, nbytes)
+            if not array.is_deleted():  # deleted meanwhile: the bytes may be stale
+                continue
         row = host_copy(array)
         if row.shape != shape or row.dtype != dtype:  # np.stack refuses or promotes
             return np.stack([host_copy(a) for a in arrays])
