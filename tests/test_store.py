@@ -189,6 +189,29 @@ def test_rollups_equal_an_independent_numpy_aggregation(tmp_path, writers):
     assert spike["vmax"].max() == pytest.approx(records[1234].values["loss"])
 
 
+def test_a_run_writing_forward_reads_no_rollup_buckets_after_its_first_batch(tmp_path):
+    """docs/telemetry.md: the writer queries stored buckets only where a batch returns to
+    buckets at or below the highest the file holds."""
+    w = store.StoreWriter(tmp_path / "s.db")
+    w.open_run(_info())
+    records = list(synthetic_run("r", 400, penalties=("l1",), diagnostics=False))
+    w.write(records[:50])
+    statements: list[str] = []
+    w._conn.set_trace_callback(statements.append)
+    for i in range(50, 400, 50):
+        w.write(records[i : i + 50])
+    reads = [q for q in statements if q.lstrip().upper().startswith("SELECT")]
+    assert not any("rollups" in q for q in reads), reads
+    statements.clear()
+    w.write([synthetic_record("r", 3, penalties=("l1",), diagnostics=False)])  # back again
+    assert any("FROM rollups" in q for q in statements)
+    w.close()
+    reader = store.StoreReader(tmp_path / "s.db")
+    series = reader.series([reader.runs()[0].id])
+    got = reader.rollup(next(s.id for s in series if s.key == "loss"), width=store.ROLLUP_WIDTHS[0])
+    assert int(got["n"].sum()) == 401  # the step written twice counts in its bucket
+
+
 def test_bucketize_combine_envelope_keep_spikes():
     rng = np.random.default_rng(0)
     steps = np.arange(200_000)
