@@ -112,6 +112,14 @@ def test_zero_input_norm_matches_autodiff(fn):
     assert closed == float(_autodiff_norm(fn, x, {}))
 
 
+@pytest.mark.parametrize("fn", [l1, elastic_net])
+def test_a_nan_input_gives_a_nan_norm_as_autodiff_does(fn):
+    """The count of non-zeros is Σ sign(x)², NaN at a NaN (as autodiff's sign)."""
+    x = jnp.array([1.0, jnp.nan, 0.0, -2.0])
+    assert np.isnan(float(input_grad(fn, x, {}).sq_norm))
+    assert np.isnan(float(_autodiff_norm(fn, x, {})))
+
+
 def test_not_covered_falls_back():
     x = jnp.ones((3, 4))
     assert input_grad(pw.penalties.orthogonality, x, {}) is None
