@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import http.server
+import logging
 import threading
 import zlib
 from typing import ClassVar
@@ -13,7 +14,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Decision, Sampler, SamplingResult
@@ -22,6 +23,7 @@ from opentelemetry.trace import StatusCode
 import penwatch as pw
 from penwatch._demo import _train
 from penwatch._demo._tracing import configure_tracing, tracing_requested
+from penwatch.schema import penalty_key
 from penwatch.sinks import _otel
 
 STEPS, NAN_AT = 12, 4
@@ -44,7 +46,10 @@ def test_train_step_spans_attributes_times_and_nan(memory, monkeypatch, max_plan
     records: list = []
     monitor = pw.Monitor(
         "otel",
-        sinks=[pw.sinks.OpenTelemetry(provider), pw.sinks.Callback(records.append)],
+        sinks=[
+            pw.sinks.OpenTelemetry(provider, attributes="all"),
+            pw.sinks.Callback(records.append),
+        ],
         alerts=[pw.alerts.NonFinite()],
     )
     _train.run(monitor, steps=STEPS, inject_nan_at=NAN_AT)
@@ -85,6 +90,117 @@ def test_train_step_spans_attributes_times_and_nan(memory, monkeypatch, max_plan
     assert alert.attributes["penwatch.alert.name"] == "NonFinite"
     ok = [s for s in spans if s.attributes["penwatch.step"] != NAN_AT]
     assert all(s.status.status_code == StatusCode.UNSET and not s.events for s in ok)
+
+
+def test_spans_carry_the_penalty_values_by_default(memory):
+    provider, exporter = memory
+    records: list = []
+    sinks = [pw.sinks.OpenTelemetry(provider), pw.sinks.Callback(records.append)]
+    with pw.Monitor("values", sinks=sinks, alerts=[]) as monitor:
+        _train.run(monitor, steps=3)
+    spans = {s.attributes["penwatch.step"]: s for s in exporter.get_finished_spans()}
+    assert len(spans) == 3
+    for record in records:
+        expected = {
+            "penwatch.run": "values",
+            "penwatch.process": 0,
+            "penwatch.step": record.step,
+            "penwatch.pipeline": "demo",
+            "penwatch.loss": record.loss,
+            "penwatch.duration_seconds": record.duration_seconds,
+        }
+        for penalty in record.penalty_values:
+            expected[f"penwatch.penalty.{penalty.name}.value"] = penalty.value
+            expected[f"penwatch.penalty.{penalty.name}.weighted"] = penalty.weighted
+        assert dict(spans[record.step].attributes) == pytest.approx(expected)
+        assert len(expected) == 6 + 2 * len(record.penalties) >= 12
+
+
+QUANTITIES = ("value", "weighted", "weight", "grad_norm", "finite")
+
+
+def _many_penalties(count: int) -> dict[str, float]:
+    record = {}
+    for i in range(count):
+        for quantity in QUANTITIES:
+            record[penalty_key(f"p{i}", quantity)] = float(i)
+    record["total"] = float(count)
+    return record
+
+
+def test_a_span_never_passes_max_attributes_and_keeps_its_identity(memory, caplog):
+    # 32 penalties with every quantity are 161 metrics: past the SDK's 128 attributes,
+    # whose eviction of the oldest took penwatch.run and penwatch.step away, with a
+    # warning per attribute per step
+    provider, exporter = memory
+    record = _many_penalties(32)
+    with caplog.at_level(logging.WARNING):
+        sink = pw.sinks.OpenTelemetry(provider, attributes="all")
+        with pw.Monitor("many", sinks=[sink], alerts=[]) as monitor:
+            for step in range(3):
+                monitor.record(step, record)
+    spans = exporter.get_finished_spans()
+    assert len(spans) == 3
+    names = [f"penwatch.penalty.p{i}.{q}" for i in range(32) for q in QUANTITIES]
+    for step, span in enumerate(sorted(spans, key=lambda s: s.attributes["penwatch.step"])):
+        assert len(span.attributes) <= 128 and span.dropped_attributes == 0
+        assert span.attributes["penwatch.run"] == "many"
+        assert span.attributes["penwatch.step"] == step
+        assert span.attributes["penwatch.pipeline"] == "default"
+        assert "penwatch.duration_seconds" in span.attributes
+        # the record's first 122 metrics (128 less six for the identity), in its order
+        carried = [k for k in span.attributes if k.startswith("penwatch.penalty.")]
+        assert carried == names[:122]
+    capped = [r for r in caplog.records if "max_attributes=128" in r.getMessage()]
+    assert len(capped) == 1  # once per key layout
+    assert "122 of the record's 161 metrics (attributes='all'" in capped[0].getMessage()
+    assert not [r for r in caplog.records if "Attributes dict is full" in r.getMessage()]
+    # the default, two quantities per penalty, fits: 64 and the identity (no loss here)
+    exporter.clear()
+    with pw.Monitor("many", sinks=[pw.sinks.OpenTelemetry(provider)], alerts=[]) as monitor:
+        monitor.record(0, record)
+    (span,) = exporter.get_finished_spans()
+    assert len(span.attributes) == 64 + 5 and span.attributes["penwatch.penalty.p31.weighted"] == 31
+
+
+@pytest.mark.parametrize(("penalties", "capped"), [(61, False), (62, True)])
+def test_the_default_fits_61_penalties_in_128_attributes(memory, caplog, penalties, capped):
+    provider, exporter = memory
+    record = {"loss": 1.0, **_many_penalties(penalties)}  # every identity attribute
+    sink = pw.sinks.OpenTelemetry(provider)
+    with caplog.at_level(logging.WARNING, "penwatch.sinks"), pw.Monitor("fit", sinks=[sink]) as m:
+        m.record(0, record)
+    (span,) = exporter.get_finished_spans()
+    assert len(span.attributes) == min(2 * penalties + 6, 128)
+    last = f"penwatch.penalty.p{penalties - 1}.weighted"
+    assert (last not in span.attributes) is capped
+    assert any("max_attributes=128" in r.getMessage() for r in caplog.records) is capped
+
+
+def test_an_sdk_limit_below_max_attributes_evicts_metrics_not_the_identity():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(span_limits=SpanLimits(max_span_attributes=20))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with pw.Monitor("tight", sinks=[pw.sinks.OpenTelemetry(provider)], alerts=[]) as monitor:
+        monitor.record(7, _many_penalties(12))
+    (span,) = exporter.get_finished_spans()
+    assert len(span.attributes) == 20 and span.dropped_attributes == 2 * 12 + 5 - 20
+    assert span.attributes["penwatch.run"] == "tight" and span.attributes["penwatch.step"] == 7
+    provider.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "allowed"),
+    [
+        ("attributes", "some", "one of 'penalties', 'all'"),
+        ("attributes", None, "one of 'penalties', 'all'"),
+        ("max_attributes", 5, "an integer >= 6"),
+        ("max_attributes", 64.0, "an integer >= 6"),
+    ],
+)
+def test_bad_span_options_are_refused(option, value, allowed):
+    with pytest.raises(ValueError, match=f"OpenTelemetry: option '{option}' must be {allowed}"):
+        pw.sinks.OpenTelemetry(**{option: value})
 
 
 def test_pipeline_compute_span(memory):
@@ -129,7 +245,8 @@ def test_sampled_spans_carry_every_value_when_sampling_alternates():
     exporter = InMemorySpanExporter()
     provider = TracerProvider(sampler=_EveryOther())
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    with pw.Monitor("sampled", sinks=[pw.sinks.OpenTelemetry(provider)], alerts=[]) as monitor:
+    sinks = [pw.sinks.OpenTelemetry(provider, attributes="all")]
+    with pw.Monitor("sampled", sinks=sinks, alerts=[]) as monitor:
         for step in range(6):
             monitor.record(step, {"l1": float(step), "l1_weight": 0.5, "total": 0.5 * step})
     spans = sorted(exporter.get_finished_spans(), key=lambda s: s.attributes["penwatch.step"])

@@ -16,22 +16,36 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
+from penwatch import _checks
 from penwatch._version import __version__
 from penwatch.schema import Event, RunInfo, RunStatus, StepRecord, describe
 from penwatch.sinks._base import Sink
 
-__all__ = ["SPAN_NAMES", "OpenTelemetry"]
+__all__ = ["SPAN_ATTRIBUTES", "SPAN_NAMES", "OpenTelemetry"]
+
+logger = logging.getLogger("penwatch.sinks")
 
 SPAN_NAMES = {"train_step": "penwatch.train_step", "pipeline_compute": "penwatch.pipeline.compute"}
 """Record kind -> span name."""
+
+SPAN_ATTRIBUTES: dict[str, tuple[str, ...] | None] = {
+    "penalties": ("value", "weighted"),
+    "all": None,
+}
+"""``attributes`` option -> the per-penalty quantities a span carries (None: every
+metric of the record, penalties, gradient terms and the rest)."""
+
+IDENTITY = 6
+"""Span attributes a record always gets: run, process, step, pipeline, loss, duration."""
 
 
 def _attr(value: Any) -> Any:
@@ -53,21 +67,39 @@ class OpenTelemetry(Sink):
     """Writes each record as a span, non-finite values and alerts as span events.
 
     Span attributes: ``penwatch.run``, ``penwatch.process``, ``penwatch.step``,
-    ``penwatch.pipeline``, ``penwatch.loss``, ``penwatch.duration_seconds``, per penalty
-    ``penwatch.penalty.<name>.<quantity>`` (``value``, ``weighted``, ``weight``,
-    ``grad_norm``, ``finite``), per gradient term ``penwatch.term.<term>.<quantity>``
-    (``param_grad_norm``, ``grad_share``, ``grad_cosine``) and every other metric as
+    ``penwatch.pipeline``, ``penwatch.loss``, ``penwatch.duration_seconds``, and per
+    penalty ``penwatch.penalty.<name>.value`` and ``.weighted``. With
+    ``attributes="all"``, every metric of the record: per penalty also ``weight``,
+    ``grad_norm``, ``finite``, per gradient term ``penwatch.term.<term>.<quantity>``
+    (``param_grad_norm``, ``grad_share``, ``grad_cosine``, ...) and every other metric as
     ``penwatch.metric.<key>``. A record with non-finite values gets a
     ``penwatch.nonfinite`` event and status ERROR (the description names the first
     offender); alerts add ``penwatch.alert`` events.
 
+    A span holds at most ``max_attributes``: past it the metrics last in the record are
+    left out (logged once per key layout) and the six above always kept. The SDK's
+    own limit (``OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT``, 128 by default) drops a span's
+    *oldest* attributes with a warning per attribute and span; keep ``max_attributes``
+    at or below it.
+
     Args:
       tracer_provider: an SDK ``TracerProvider``; None uses the global provider.
+      attributes: ``"penalties"`` (per-penalty values, as above) or ``"all"``.
+      max_attributes: the most attributes a span gets (≥ 6).
     """
 
     name = "OpenTelemetry"
 
-    def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
+    def __init__(
+        self,
+        tracer_provider: trace.TracerProvider | None = None,
+        *,
+        attributes: Literal["penalties", "all"] = "penalties",
+        max_attributes: int = 128,
+    ) -> None:
+        fn = "penwatch.sinks.OpenTelemetry"
+        self.attributes = _checks.check_choice(fn, "attributes", attributes, SPAN_ATTRIBUTES)
+        self.max_attributes = _checks.check_int(fn, "max_attributes", max_attributes, min=IDENTITY)
         self.tracer_provider = tracer_provider
         self._tracer: trace.Tracer | None = None
         # spans begun on the dispatch thread, ended by write_step on this sink's thread
@@ -86,17 +118,16 @@ class OpenTelemetry(Sink):
         if self._tracer is None:
             raise RuntimeError("penwatch.sinks.OpenTelemetry: used before open")
         start = record.started_at_ns or int(record.wall_time * 1e9)
-        attributes = {
-            "penwatch.run": record.run,
-            "penwatch.process": record.process,
-            "penwatch.step": record.step,
-            "penwatch.pipeline": record.pipeline,
-        }
         # The step's values go in at the start (the SDK validates attributes on every
         # call: one pass instead of two) when the last span was sampled, so that an
-        # unconfigured (no-op) or unsampling tracer costs no attribute building.
-        if self._sampled:
-            attributes.update(self._step_attributes(record))
+        # unconfigured (no-op) or unsampling tracer costs no attribute building. The
+        # record's identity goes in last: an SDK over its attribute limit drops the
+        # oldest.
+        attributes = self._step_attributes(record) if self._sampled else {}
+        attributes["penwatch.run"] = record.run
+        attributes["penwatch.process"] = record.process
+        attributes["penwatch.step"] = record.step
+        attributes["penwatch.pipeline"] = record.pipeline
         span = self._tracer.start_span(
             SPAN_NAMES.get(record.kind, "penwatch.pipeline.compute"),
             start_time=start,
@@ -186,7 +217,7 @@ class OpenTelemetry(Sink):
         if plan is None:
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
-            plan = self._plans[record.layout] = _attribute_plan(record)
+            plan = self._plans[record.layout] = self._attribute_plan(record)
         attrs: dict[str, Any] = {name: values[key] for name, key in plan}
         if record.loss is not None:
             attrs["penwatch.loss"] = record.loss
@@ -194,18 +225,30 @@ class OpenTelemetry(Sink):
             attrs["penwatch.duration_seconds"] = record.duration_seconds
         return attrs
 
+    def _attribute_plan(self, record: StepRecord) -> tuple[tuple[str, str], ...]:
+        """(span attribute, metric key) pairs for a record's keys, in the record's order,
+        as many as ``max_attributes`` leaves room for."""
+        quantities = SPAN_ATTRIBUTES[self.attributes]
+        plan: list[tuple[str, str]] = []
+        for slot in record.layout.slots:
+            if slot.scope == "penalty":
+                if quantities is None or slot.quantity in quantities:
+                    plan.append((f"penwatch.penalty.{slot.name}.{slot.quantity}", slot.key))
+            elif quantities is not None:
+                continue
+            elif slot.scope == "term":
+                plan.append((f"penwatch.term.{slot.name}.{slot.quantity}", slot.key))
+            else:
+                plan.append((f"penwatch.metric.{slot.key}", slot.key))
+        room = self.max_attributes - IDENTITY
+        if len(plan) > room:
+            logger.warning(
+                "penwatch sink %s: spans carry %d of the record's %d metrics "
+                "(attributes=%r, max_attributes=%d; left out from %r on)",
+                self.name, room, len(plan), self.attributes, self.max_attributes,
+                plan[room][1],
+            )  # fmt: skip
+        return tuple(plan[:room])
+
 
 _MAX_PLANS = 64
-
-
-def _attribute_plan(record: StepRecord) -> tuple[tuple[str, str], ...]:
-    """(span attribute, metric key) pairs for a record's keys: penalties, terms, the rest."""
-    plan: list[tuple[str, str]] = []
-    for slot in record.layout.slots:
-        if slot.scope == "penalty":
-            plan.append((f"penwatch.penalty.{slot.name}.{slot.quantity}", slot.key))
-        elif slot.scope == "term":
-            plan.append((f"penwatch.term.{slot.name}.{slot.quantity}", slot.key))
-        else:
-            plan.append((f"penwatch.metric.{slot.key}", slot.key))
-    return tuple(plan)
