@@ -257,6 +257,24 @@ def test_full_queue_drops_the_oldest_and_counts(caplog):
     assert prom.registry.get_sample_value("penwatch_telemetry_dropped_total", labels) == 16
 
 
+def test_the_default_queue_holds_4096_records_while_the_device_is_busy():
+    # docs/telemetry.md: 4,096 by default, two seconds of records at 2,000 steps/s
+    records: list = []
+    slow = _SlowScalar()
+    monitor = pw.Monitor("default", sinks=[pw.sinks.Callback(records.append)], alerts=[])
+    monitor.record(0, {"v": slow})  # the ready thread waits on this one
+    deadline = time.monotonic() + 10
+    while monitor.pending and time.monotonic() < deadline:
+        time.sleep(0.001)
+    for step in range(1, 4097 + 3):
+        monitor.record(step, _metrics(step))
+    assert monitor.pending == 4096
+    slow.gate.set()
+    monitor.close()
+    assert monitor.stats.dropped["queue_full"] == 3
+    assert [r.step for r in records] == [0, *range(4, 4100)]
+
+
 @pytest.mark.parametrize("max_queue", [1, 3])
 def test_queue_bound_holds_under_a_stalled_worker(max_queue):
     slow = _SlowScalar()
