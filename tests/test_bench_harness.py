@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from benchmarks import bench_monitor
@@ -57,9 +58,23 @@ def test_the_step_size_is_chosen_by_ratio_to_the_target_duration():
 
 def test_every_step_duration_has_candidate_sizes():
     assert set(bench_monitor.CANDIDATES) == set(bench_monitor.TARGETS)
+    # docs/benchmarks.md: four sizes for ~10 ms, six for ~1.5 ms
+    assert {k: len(v) for k, v in bench_monitor.CANDIDATES.items()} == {"~10 ms": 4, "~1.5 ms": 6}
     for sizes in bench_monitor.CANDIDATES.values():
-        assert len(sizes) == 4  # docs/benchmarks.md: four sizes per duration
         assert list(sizes) == sorted(sizes)  # growing: the nearest one lies among them
+
+
+@pytest.mark.parametrize("sinks", [True, False], ids=["three sinks", "no sinks"])
+def test_an_instrumented_run_records_every_step_and_is_timed(tmp_path, sinks):
+    init_fn, step_fn = bench_monitor._build()
+    state = init_fn(bench_monitor._params(jax.random.PRNGKey(0), 16))
+    batch = bench_monitor.batch_of(8)
+    run = f"sinks-{sinks}"
+    wall, closing, cpu = bench_monitor._instrumented(
+        step_fn, state, batch, str(tmp_path / "b.db"), run, sinks=sinks
+    )  # asserts every step was processed (and written by each sink)
+    assert wall > 0 and closing >= 0 and cpu > 0
+    assert (tmp_path / "b.db").exists() is sinks
 
 
 def test_the_reference_workload_runs_and_is_timed():
