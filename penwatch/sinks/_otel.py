@@ -44,7 +44,7 @@ SPAN_ATTRIBUTES: dict[str, tuple[str, ...] | None] = {
 """``attributes`` option -> the per-penalty quantities a span carries (None: every
 metric of the record, penalties, gradient terms and the rest)."""
 
-IDENTITY = 6
+IDENTITY_ATTRIBUTES = 6
 """Span attributes a record always gets: run, process, step, pipeline, loss, duration."""
 
 
@@ -99,7 +99,9 @@ class OpenTelemetry(Sink):
     ) -> None:
         fn = "penwatch.sinks.OpenTelemetry"
         self.attributes = _checks.check_choice(fn, "attributes", attributes, SPAN_ATTRIBUTES)
-        self.max_attributes = _checks.check_int(fn, "max_attributes", max_attributes, min=IDENTITY)
+        self.max_attributes = _checks.check_int(
+            fn, "max_attributes", max_attributes, min=IDENTITY_ATTRIBUTES
+        )
         self.tracer_provider = tracer_provider
         self._tracer: trace.Tracer | None = None
         # spans begun on the dispatch thread, ended by write_step on this sink's thread
@@ -240,7 +242,7 @@ class OpenTelemetry(Sink):
                 plan.append((f"penwatch.term.{slot.name}.{slot.quantity}", slot.key))
             else:
                 plan.append((f"penwatch.metric.{slot.key}", slot.key))
-        room = self.max_attributes - IDENTITY
+        room = self.max_attributes - IDENTITY_ATTRIBUTES
         if len(plan) > room:
             logger.warning(
                 "penwatch sink %s: spans carry %d of the record's %d metrics "
