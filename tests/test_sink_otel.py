@@ -177,6 +177,40 @@ def test_the_default_fits_61_penalties_in_128_attributes(memory, caplog, penalti
     assert any("max_attributes=128" in r.getMessage() for r in caplog.records) is capped
 
 
+class _FiresAt(pw.alerts.Alert):
+    name = "FiresAt"
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def evaluate(self, record):
+        return [self._event(record, "fired")] if record.step == self.step else []
+
+
+def test_every_nth_step_is_traced_and_every_non_finite_record(memory):
+    provider, exporter = memory
+    records: list = []
+    sinks = [pw.sinks.OpenTelemetry(provider, every=5), pw.sinks.Callback(records.append)]
+    alerts = [pw.alerts.NonFinite(), _FiresAt(7)]  # NonFinite's on the spans; step 7: none
+    with pw.Monitor("every", sinks=sinks, alerts=alerts) as monitor:
+        for step in range(12):
+            value = float("nan") if step in (3, 10) else float(step)
+            monitor.record(step, {"l1": value, "l1_weight": 1.0, "l1_weighted": value})
+    finished = exporter.get_finished_spans()
+    (alone,) = [s for s in finished if s.name == "penwatch.event"]
+    assert alone.attributes["penwatch.step"] == 7
+    assert alone.events[0].attributes["penwatch.alert.name"] == "FiresAt"
+    spans = {s.attributes["penwatch.step"]: s for s in finished if s is not alone}
+    assert sorted(spans) == [0, 3, 5, 10]
+    for step in (3, 10):
+        assert spans[step].status.status_code == StatusCode.ERROR
+        assert [e.name for e in spans[step].events] == ["penwatch.alert", "penwatch.nonfinite"]
+    assert spans[5].status.status_code == StatusCode.UNSET
+    traced = {r.step: r.trace_id for r in records if r.trace_id is not None}
+    assert traced == {step: span.context.trace_id for step, span in spans.items()}
+    assert len(records) == 12
+
+
 def test_an_sdk_limit_below_max_attributes_evicts_metrics_not_the_identity():
     exporter = InMemorySpanExporter()
     provider = TracerProvider(span_limits=SpanLimits(max_span_attributes=20))
@@ -196,6 +230,8 @@ def test_an_sdk_limit_below_max_attributes_evicts_metrics_not_the_identity():
         ("attributes", None, "one of 'penalties', 'all'"),
         ("max_attributes", 5, "an integer >= 6"),
         ("max_attributes", 64.0, "an integer >= 6"),
+        ("every", 0, "an integer >= 1"),
+        ("every", 2.5, "an integer >= 1"),
     ],
 )
 def test_bad_span_options_are_refused(option, value, allowed):

@@ -82,10 +82,16 @@ class OpenTelemetry(Sink):
     *oldest* attributes with a warning per attribute and span; keep ``max_attributes``
     at or below it.
 
+    With ``every=N``, only steps that are multiples of N get a span, and every record
+    with a non-finite value or leaf (whatever its step): a lighter trace for short
+    steps that still shows each failure, unlike a ratio sampler. Records without a span
+    carry no trace id; alerts on their steps become ``penwatch.event`` spans.
+
     Args:
       tracer_provider: an SDK ``TracerProvider``; None uses the global provider.
       attributes: ``"penalties"`` (per-penalty values, as above) or ``"all"``.
       max_attributes: the most attributes a span gets (≥ 6).
+      every: trace every N-th step (and every non-finite record).
     """
 
     name = "OpenTelemetry"
@@ -96,8 +102,10 @@ class OpenTelemetry(Sink):
         *,
         attributes: Literal["penalties", "all"] = "penalties",
         max_attributes: int = 128,
+        every: int = 1,
     ) -> None:
         fn = "penwatch.sinks.OpenTelemetry"
+        self.every = _checks.check_int(fn, "every", every, min=1)
         self.attributes = _checks.check_choice(fn, "attributes", attributes, SPAN_ATTRIBUTES)
         self.max_attributes = _checks.check_int(
             fn, "max_attributes", max_attributes, min=IDENTITY_ATTRIBUTES
@@ -141,8 +149,16 @@ class OpenTelemetry(Sink):
         self._sampled = sampled
         return span
 
+    def _traced(self, record: StepRecord) -> bool:
+        """Whether the record gets a span: its step is on the ``every`` grid, or it holds
+        a non-finite value or leaf."""
+        return record.step % self.every == 0 or not record.ok or bool(record.leaves)
+
     def begin_step(self, record: StepRecord) -> int | None:
-        """Open the record's span; returns its trace id (None when tracing is off)."""
+        """Open the record's span; returns its trace id (None when tracing is off or the
+        record gets no span)."""
+        if not self._traced(record):
+            return None
         span = self._start(record)
         with self._open_lock:
             old = self._open.pop((record.pipeline, record.step), None)
@@ -185,6 +201,8 @@ class OpenTelemetry(Sink):
         with self._open_lock:
             span = self._open.pop((record.pipeline, record.step), None)
         if span is None:
+            if not self._traced(record):
+                return
             span = self._start(record)
         try:
             if span.is_recording() and (not record.ok or record.leaves):
