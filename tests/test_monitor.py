@@ -618,3 +618,40 @@ def test_step_record_constructor_takes_every_field_with_its_default():
         record.step = 5  # type: ignore[misc]
     with pytest.raises(TypeError):
         StepRecord("r", 0, 3, "p", 1.0, values, colour="red")  # type: ignore[call-arg]
+
+
+def test_the_dispatcher_takes_ready_records_in_batches_of_64_or_after_its_delay(monkeypatch):
+    # docs/telemetry.md: ready records are taken in batches (64, or after at most 0.2 s,
+    # or at once for a flush/close)
+    from penwatch.telemetry import _intake
+
+    assert (_intake.DISPATCH_BATCH, _intake.DISPATCH_DELAY) == (64, 0.2)
+    arrived: list[tuple[int, float]] = []
+    done = threading.Event()
+
+    def write(record):
+        arrived.append((record.step, time.perf_counter()))
+        if len(arrived) == 64:
+            done.set()
+
+    # one record waits for the batch's timer, no longer than it (within a margin)
+    with pw.Monitor("timer", sinks=[pw.sinks.Callback(write)], alerts=[]) as monitor:
+        start = time.perf_counter()
+        monitor.record(0, {"l1": 1.0, "l1_weight": 1.0})
+        deadline = time.monotonic() + 10
+        while not arrived and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert arrived, "the record never reached the sink without a flush"
+    assert 0.2 <= arrived[0][1] - start < 5.0
+
+    # with the timer out of the way, the 64th ready record wakes the dispatcher at once
+    monkeypatch.setattr(_intake, "DISPATCH_DELAY", 60.0)
+    arrived.clear()
+    with pw.Monitor("cap", sinks=[pw.sinks.Callback(write)], alerts=[]) as monitor:
+        for step in range(64):
+            monitor.record(step, {"l1": float(step), "l1_weight": 1.0})
+        assert done.wait(10), f"{len(arrived)} of 64 records reached the sink"
+        monitor.record(64, {"l1": 64.0, "l1_weight": 1.0})
+        time.sleep(0.3)  # one ready record waits for the 60-s timer (or the close below)
+        assert [step for step, _ in arrived] == list(range(64))
+    assert [step for step, _ in arrived] == list(range(65))

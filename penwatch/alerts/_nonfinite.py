@@ -63,9 +63,10 @@ class NonFinite(Alert):
 
     Args:
       action: ``"warn"`` logs a warning (logger ``penwatch.alerts``); ``"raise"`` also
-        raises :class:`NonFiniteDetected` on the training thread at the *next*
-        ``Monitor.record``/``flush``/``close`` call (the worker thread never raises into
-        training; a step may have run in between); ``"callback"`` calls
+        raises :class:`NonFiniteDetected` on the training thread at the first
+        ``Monitor.record``/``flush``/``close`` call after the monitor's worker has seen
+        the record (it never raises into training, and takes ready records in batches of
+        up to 0.2 s: steps may have run in between); ``"callback"`` calls
         ``callback(event, record)`` on the worker thread (exceptions are logged).
       callback: the function for ``action="callback"``.
       capsules: the :class:`penwatch.forensics.CapsuleWriter` of the train step

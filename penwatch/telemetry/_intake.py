@@ -413,8 +413,11 @@ READY_BATCH = 32
 DISPATCH_BATCH = 64
 """Ready records that wake the dispatcher at once."""
 
-DISPATCH_DELAY = 0.05
-"""Seconds a ready record waits at most for the dispatcher (a batch's timer)."""
+DISPATCH_DELAY = 0.2
+"""Seconds a ready record waits at most for the dispatcher (a batch's timer), as long
+as a sink's own batch (``Sink.max_delay``). Each wake-up next to a busy step runs from
+cold caches: at a ~10 ms step batches of ~20 records instead of ~5 (0.05 s) took the
+monitor's overhead from 1.027-1.033x to 1.013-1.020x (docs/benchmarks.md)."""
 
 WORKER_NICE = 10
 """Niceness added to the telemetry threads (Linux): telemetry yields the CPU to training."""
