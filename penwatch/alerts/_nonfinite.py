@@ -104,7 +104,7 @@ class NonFinite(Alert):
         return error
 
     def evaluate(self, record: StepRecord) -> Sequence[Event]:
-        bad = bool(record.nonfinite or record.leaves)
+        bad = record.has_nonfinite
         self.nonfinite_steps += bad
         if not self._episodes.update(record.pipeline, bad):
             return ()

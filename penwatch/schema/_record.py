@@ -240,6 +240,12 @@ class StepRecord:
         return not self.nonfinite
 
     @property
+    def has_nonfinite(self) -> bool:
+        """True when a metric or a parameter/gradient leaf is non-finite: the records the
+        non-finite report covers (alerts, the store's report, spans with status ERROR)."""
+        return bool(self.nonfinite or self.leaves)
+
+    @property
     def first_offender(self) -> NonFinite | None:
         """The first non-finite metric in computation order, or None."""
         return self.nonfinite[0] if self.nonfinite else None

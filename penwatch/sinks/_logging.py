@@ -45,8 +45,9 @@ class Logging(Sink):
 
     def write_step(self, record: StepRecord) -> None:
         self._count += 1
-        level = self.level if record.ok else max(self.level, logging.WARNING)
-        if (self._count - 1) % self.every and record.ok:
+        bad = record.has_nonfinite
+        level = max(self.level, logging.WARNING) if bad else self.level
+        if (self._count - 1) % self.every and not bad:
             return
         if not self.logger.isEnabledFor(level):
             return
@@ -59,8 +60,10 @@ class Logging(Sink):
         tail = (
             "" if record.duration_seconds is None else f" | {record.duration_seconds * 1e3:.2f}ms"
         )
-        bad = "" if record.ok else f" | non-finite: {', '.join(n.key for n in record.nonfinite)}"
-        self.logger.log(level, "%s | %s%s%s", head, pens, tail, bad)
+        offenders = [nf.key for nf in record.nonfinite]
+        offenders += [f"{leaf.tree}{leaf.path}" for leaf in record.leaves]
+        report = f" | non-finite: {', '.join(offenders)}" if bad else ""
+        self.logger.log(level, "%s | %s%s%s", head, pens, tail, report)
 
     def write_event(self, event: Event) -> None:
         self.logger.log(

@@ -152,7 +152,7 @@ class OpenTelemetry(Sink):
     def _traced(self, record: StepRecord) -> bool:
         """Whether the record gets a span: its step is on the ``every`` grid, or it holds
         a non-finite value or leaf."""
-        return record.step % self.every == 0 or not record.ok or bool(record.leaves)
+        return record.step % self.every == 0 or record.has_nonfinite
 
     def begin_step(self, record: StepRecord) -> int | None:
         """Open the record's span; returns its trace id (None when tracing is off or the
@@ -205,7 +205,7 @@ class OpenTelemetry(Sink):
                 return
             span = self._start(record)
         try:
-            if span.is_recording() and (not record.ok or record.leaves):
+            if span.is_recording() and record.has_nonfinite:
                 span.add_event(
                     "penwatch.nonfinite",
                     {

@@ -299,7 +299,7 @@ class Prometheus(Sink):
         for record in records:
             for nf in record.nonfinite:
                 child("penwatch_nonfinite_total", *base, nf.kind, nf.key).inc()
-            if record.nonfinite or record.leaves:
+            if record.has_nonfinite:
                 child("penwatch_nonfinite_steps_total", *base).inc()
             if record.duration_seconds is not None:
                 exemplar = None

@@ -61,7 +61,7 @@ class StepColumns:
             duration_seconds=[r.duration_seconds for r in records],
             nonfinite=[len(r.nonfinite) for r in records],
             trace_id=[None if r.trace_id is None else f"{r.trace_id:032x}" for r in records],
-            report=[_report(r) if r.nonfinite or r.leaves else None for r in records],
+            report=[_report(r) if r.has_nonfinite else None for r in records],
         )
 
     def take(self, positions: Sequence[int]) -> StepColumns:
