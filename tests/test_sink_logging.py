@@ -5,12 +5,9 @@ from __future__ import annotations
 import logging
 
 import jax.numpy as jnp
-import pytest
 
 import penwatch as pw
 from penwatch.telemetry import leaf_nonfinite
-
-pytestmark = pytest.mark.parallel
 
 
 def _record(step: int, value: float) -> dict:
