@@ -24,7 +24,7 @@ import penwatch as pw
 from penwatch._demo import _train
 from penwatch._demo._tracing import configure_tracing, tracing_requested
 from penwatch.schema import penalty_key
-from penwatch.sinks import _otel
+from penwatch.sinks import _otel, _spans
 
 STEPS, NAN_AT = 12, 4
 
@@ -439,3 +439,90 @@ def test_a_batch_keeps_each_alert_before_its_record_and_on_its_span(memory, monk
     for step in (3, 6):
         assert [e.name for e in spans[step].events] == ["penwatch.alert", "penwatch.nonfinite"]
     assert not any(spans[step].events for step in (0, 1, 2, 4, 5, 7))
+
+
+class _Tagging(Sampler):
+    """Samples every span and adds an attribute of its own, as samplers may."""
+
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None,
+                      links=None, trace_state=None):  # fmt: skip
+        return SamplingResult(Decision.RECORD_AND_SAMPLE, {**attributes, "sampler.tag": "kept"})
+
+    def get_description(self) -> str:
+        return "tagging"
+
+
+def _spans_of_a_run(limits, sampler, *, finished: bool, monkeypatch) -> list:
+    """The demo's run (a NaN at step 4, its alert) traced through one span path."""
+    if not finished:
+        monkeypatch.setattr(_otel, "finished_spans", lambda tracer: None)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(span_limits=limits, sampler=sampler)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    sink = pw.sinks.OpenTelemetry(provider, attributes="all")
+    with pw.Monitor("paths", sinks=[sink], alerts=[pw.alerts.NonFinite()]) as monitor:
+        assert isinstance(sink._spans, _spans.FinishedSpans) is finished
+        _train.run(monitor, steps=6, inject_nan_at=NAN_AT)
+    monkeypatch.undo()
+    provider.shutdown()
+    return sorted(exporter.get_finished_spans(), key=lambda s: s.attributes.get("penwatch.step"))
+
+
+def _span_fields(span) -> dict:
+    """What an exporter reads from a span, less its ids, times and device time."""
+    timing = "penwatch.duration_seconds"
+    return {
+        "name": span.name,
+        "kind": span.kind,
+        "parent": span.parent,
+        "flags": span.context.trace_flags,
+        "attributes": {k: repr(v) for k, v in span.attributes.items() if k != timing},
+        "attribute order": [k for k in span.attributes if k != timing],
+        "dropped": span.dropped_attributes,
+        "events": [(e.name, dict(e.attributes)) for e in span.events],
+        "dropped events": span.dropped_events,
+        "status": (span.status.status_code, span.status.description),
+        "resource": span.resource.attributes,
+        "scope": span.instrumentation_scope,
+        "valid": span.context.is_valid and span.end_time >= span.start_time,
+    }
+
+
+TIGHT = SpanLimits(
+    max_span_attributes=20, max_span_attribute_length=3, max_events=1, max_event_attributes=2
+)
+
+
+@pytest.mark.parametrize(
+    ("limits", "sampler"),
+    [
+        (None, None),
+        (TIGHT, None),
+        (None, _Tagging()),
+    ],
+    ids=["defaults", "tight-limits", "sampler-attributes"],
+)
+def test_finished_spans_export_what_the_sdk_span_exports(limits, sampler, monkeypatch):
+    # The sink hands an SDK tracer's processors finished spans instead of driving the
+    # SDK's live span object (penwatch/sinks/_spans.py): whatever the span limits and
+    # the sampler, exporters must receive the same spans either way.
+    fast = _spans_of_a_run(limits, sampler, finished=True, monkeypatch=monkeypatch)
+    slow = _spans_of_a_run(limits, sampler, finished=False, monkeypatch=monkeypatch)
+    assert len(fast) == len(slow) == 6
+    for a, b in zip(fast, slow, strict=True):
+        assert _span_fields(a) == _span_fields(b)
+    if limits is not None:  # the limits bound: strings cut, attributes and events dropped
+        assert all(len(s.attributes) == 20 and s.dropped_attributes > 0 for s in fast)
+        assert fast[0].attributes["penwatch.run"] == "pat"
+        assert len(fast[NAN_AT].events) == 1 and fast[NAN_AT].dropped_events == 1
+    if sampler is not None:
+        assert all(s.attributes["sampler.tag"] == "kept" for s in fast)
+
+
+def test_spans_of_other_tracers_go_through_start_span():
+    from opentelemetry.trace import NoOpTracer
+
+    sdk_tracer = TracerProvider().get_tracer("penwatch")
+    assert isinstance(_spans.finished_spans(sdk_tracer), _spans.FinishedSpans)
+    assert _spans.finished_spans(NoOpTracer()) is None
+    assert _spans.finished_spans(trace.get_tracer("penwatch")) is None  # the global proxy

@@ -29,6 +29,7 @@ from penwatch import _checks
 from penwatch._version import __version__
 from penwatch.schema import Event, RunInfo, RunStatus, StepRecord, describe
 from penwatch.sinks._base import Sink
+from penwatch.sinks._spans import FinishedSpans, finished_spans
 
 __all__ = ["SPAN_ATTRIBUTES", "SPAN_NAMES", "OpenTelemetry"]
 
@@ -111,7 +112,8 @@ class OpenTelemetry(Sink):
             fn, "max_attributes", max_attributes, min=IDENTITY_ATTRIBUTES
         )
         self.tracer_provider = tracer_provider
-        self._tracer: trace.Tracer | None = None
+        # span factory: the SDK tracer's finished spans, or the tracer itself
+        self._spans: trace.Tracer | FinishedSpans | None = None
         # spans begun on the dispatch thread, ended by write_step on this sink's thread
         self._open: collections.OrderedDict[tuple[str, int], trace.Span] = collections.OrderedDict()
         self._open_lock = threading.Lock()
@@ -120,12 +122,11 @@ class OpenTelemetry(Sink):
         self._sampled = True  # whether the last span was recording
 
     def open(self, info: RunInfo) -> None:
-        self._tracer = trace.get_tracer(
-            "penwatch", __version__, tracer_provider=self.tracer_provider
-        )
+        tracer = trace.get_tracer("penwatch", __version__, tracer_provider=self.tracer_provider)
+        self._spans = finished_spans(tracer) or tracer
 
     def _start(self, record: StepRecord) -> trace.Span:
-        if self._tracer is None:
+        if self._spans is None:
             raise RuntimeError("penwatch.sinks.OpenTelemetry: used before open")
         start = record.started_at_ns or int(record.wall_time * 1e9)
         # The step's values go in at the start (the SDK validates attributes on every
@@ -138,7 +139,7 @@ class OpenTelemetry(Sink):
         attributes["penwatch.process"] = record.process
         attributes["penwatch.step"] = record.step
         attributes["penwatch.pipeline"] = record.pipeline
-        span = self._tracer.start_span(
+        span = self._spans.start_span(
             SPAN_NAMES.get(record.kind, "penwatch.pipeline.compute"),
             start_time=start,
             attributes=attributes,
@@ -187,9 +188,9 @@ class OpenTelemetry(Sink):
         if span is not None:
             span.add_event("penwatch.alert", attrs, timestamp=stamp)
             return
-        if self._tracer is None:
+        if self._spans is None:
             raise RuntimeError("penwatch.sinks.OpenTelemetry: used before open")
-        span = self._tracer.start_span(
+        span = self._spans.start_span(
             "penwatch.event",
             start_time=stamp,
             attributes={"penwatch.run": event.run, "penwatch.step": event.step},
