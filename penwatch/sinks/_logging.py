@@ -1,4 +1,4 @@
-"""``Logging``: one log line per step (or every N steps) and one per event."""
+"""``Logging``: one log line per step (or every N-th step) and one per event."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ class Logging(Sink):
     Args:
       logger: a logger or its name (default ``"penwatch"``).
       level: level of the step lines.
-      every: log one step line every ``every`` records.
+      every: log the steps that are multiples of ``every`` (as the OpenTelemetry sink
+        traces them: the same steps in every process and pipeline, after a resume too).
     """
 
     name = "Logging"
@@ -41,14 +42,12 @@ class Logging(Sink):
         self.logger = logger
         self.level = _checks.check_int("penwatch.sinks.Logging", "level", level, min=0)
         self.every = _checks.check_int("penwatch.sinks.Logging", "every", every, min=1)
-        self._count = 0
 
     def write_step(self, record: StepRecord) -> None:
-        self._count += 1
         bad = record.has_nonfinite
-        level = max(self.level, logging.WARNING) if bad else self.level
-        if (self._count - 1) % self.every and not bad:
+        if record.step % self.every and not bad:
             return
+        level = max(self.level, logging.WARNING) if bad else self.level
         if not self.logger.isEnabledFor(level):
             return
         head = f"run={record.run} step={record.step} pipeline={record.pipeline}"
