@@ -103,10 +103,12 @@ _CORE_CHECK = textwrap.dedent(
     import jax.numpy as jnp
     db = os.path.join(tempfile.mkdtemp(), "s.db")
     pipe = pw.pipeline([("l2", 0.1)])
-    with pw.Monitor("core", sinks=[pw.sinks.SQLite(db)]) as monitor:
+    sinks = [pw.sinks.SQLite(db), pw.sinks.OpenTelemetry()]  # the API only: no-op spans
+    with pw.Monitor("core", sinks=sinks) as monitor:
         for step in range(3):
             monitor.record(step, pipe.compute(jnp.ones(4))[1])
     print("RECORDED:", monitor.stats.sinks["SQLite"].written)
+    print("TRACED:", monitor.stats.sinks["OpenTelemetry"].written)
     """
 )
 
@@ -132,7 +134,7 @@ def test_fresh_venv_without_extras(core_venv):
     assert "MLFLOW: pw.sinks.MLflow needs the 'mlflow' extra" in stdout
     assert "pip install 'penwatch[mlflow]'" in stdout
     assert "TENSORBOARD: pw.sinks.TensorBoard needs the 'tensorboard' extra" in stdout
-    assert "RECORDED: 3" in stdout
+    assert "RECORDED: 3" in stdout and "TRACED: 3" in stdout
     assert dash.returncode == 1
     assert "penwatch dashboard needs the 'dashboard' extra" in dash.stderr
     assert "pip install 'penwatch[dashboard]'" in dash.stderr

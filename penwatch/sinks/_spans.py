@@ -14,7 +14,7 @@ Differences from the SDK's span, all unused by penwatch's sink: no ``on_start`` 
 the processors (none of the SDK's own act on it), no ``_on_ending`` hook, no parent (a
 step's span is a root), and none of the SDK's self-metrics of started spans.
 :func:`finished_spans` returns None for a tracer without those parts (the API's no-op
-tracer, a proxy, another SDK), which then goes through ``start_span``.
+tracer, a proxy, another SDK, or none installed), which then goes through ``start_span``.
 
 References: OpenTelemetry Python SDK, ``opentelemetry.sdk.trace.Tracer.start_span`` and
 ``Span.end``; OTEP 0004 (out-of-band spans).
@@ -28,9 +28,13 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
-from opentelemetry.sdk import trace as sdk_trace
-from opentelemetry.sdk.util import BoundedList
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+try:  # the SDK comes with the `otlp` extra; the library needs only the API
+    from opentelemetry.sdk import trace as sdk_trace
+    from opentelemetry.sdk.util import BoundedList
+except ImportError:  # tests/test_wheel.py imports penwatch without the SDK
+    sdk_trace = None
 
 __all__ = ["FinishedSpans", "finished_spans"]
 
@@ -38,8 +42,9 @@ _PRIMITIVES = (bool, int, float, str)
 
 
 def finished_spans(tracer: Any) -> FinishedSpans | None:
-    """A :class:`FinishedSpans` over an SDK tracer; None for any other tracer."""
-    if not isinstance(tracer, sdk_trace.Tracer):
+    """A :class:`FinishedSpans` over an SDK tracer; None for any other tracer (or
+    without the SDK installed)."""
+    if sdk_trace is None or not isinstance(tracer, sdk_trace.Tracer):
         return None
     limits = getattr(tracer, "_span_limits", None)
     scope = getattr(tracer, "_instrumentation_scope", None)
@@ -106,7 +111,8 @@ class RecordSpan:
     """A recording span as plain data; ``end`` hands it to the processors whole.
 
     Implements the part of ``opentelemetry.trace.Span`` the OpenTelemetry sink uses.
-    Not thread-safe: one thread adds to and ends a span (the sink's own).
+    Not locked: the sink's thread adds a span's events and ends it; the dispatch thread
+    ends only spans of records the sink dropped, once they left the sink's table.
     """
 
     __slots__ = ("_attributes", "_context", "_end", "_events", "_name", "_spans", "_start",
