@@ -22,19 +22,19 @@ References: OpenTelemetry Python SDK, ``opentelemetry.sdk.trace.Tracer.start_spa
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-try:  # the SDK comes with the `otlp` extra; the library needs only the API
-    from opentelemetry.sdk import trace as sdk_trace
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import SpanLimits, Tracer
     from opentelemetry.sdk.util import BoundedList
-except ImportError:  # tests/test_wheel.py imports penwatch without the SDK
-    sdk_trace = None
 
 __all__ = ["FinishedSpans", "finished_spans"]
 
@@ -42,24 +42,26 @@ _PRIMITIVES = (bool, int, float, str)
 
 
 def finished_spans(tracer: Any) -> FinishedSpans | None:
-    """A :class:`FinishedSpans` over an SDK tracer; None for any other tracer (or
-    without the SDK installed)."""
-    if sdk_trace is None or not isinstance(tracer, sdk_trace.Tracer):
+    """A :class:`FinishedSpans` over an SDK tracer; None for any other tracer.
+
+    The SDK (the ``otlp`` extra) is never imported here: an SDK tracer exists only once
+    its module is loaded, so ``import penwatch`` stays free of it."""
+    sdk = sys.modules.get("opentelemetry.sdk.trace")
+    if sdk is None or not isinstance(tracer, sdk.Tracer):
         return None
     limits = getattr(tracer, "_span_limits", None)
     scope = getattr(tracer, "_instrumentation_scope", None)
-    if not isinstance(limits, sdk_trace.SpanLimits) or scope is None:
+    if not isinstance(limits, sdk.SpanLimits) or scope is None:
         return None
-    return FinishedSpans(tracer, limits=limits, scope=scope)
+    return FinishedSpans(tracer, sdk=sdk, limits=limits, scope=scope)
 
 
 class FinishedSpans:
     """``start_span`` for one SDK tracer, with spans that reach its processors at ``end``."""
 
-    def __init__(
-        self, tracer: sdk_trace.Tracer, *, limits: sdk_trace.SpanLimits, scope: Any
-    ) -> None:
+    def __init__(self, tracer: Tracer, *, sdk: ModuleType, limits: SpanLimits, scope: Any) -> None:
         self.tracer = tracer
+        self.sdk = sdk  # opentelemetry.sdk.trace
         self.limits = limits
         self.scope = scope
         enabled = getattr(tracer, "_is_enabled", None)  # the SDK's tracer configurator
@@ -150,11 +152,13 @@ class RecordSpan:
     ) -> None:
         if self._end is not None:
             return
+        from opentelemetry.sdk.util import BoundedList  # loaded with the SDK's tracer
+
         limits = self._spans.limits
         if not self._events:
             self._events = BoundedList(limits.max_events)
         self._events.append(
-            sdk_trace.Event(
+            self._spans.sdk.Event(
                 name,
                 BoundedAttributes(
                     limits.max_event_attributes,
@@ -177,7 +181,7 @@ class RecordSpan:
         spans = self._spans
         tracer = spans.tracer
         tracer.span_processor.on_end(
-            sdk_trace.ReadableSpan(
+            spans.sdk.ReadableSpan(
                 name=self._name,
                 context=self._context,
                 resource=tracer.resource,
