@@ -526,3 +526,31 @@ def test_spans_of_other_tracers_go_through_start_span():
     assert isinstance(_spans.finished_spans(sdk_tracer), _spans.FinishedSpans)
     assert _spans.finished_spans(NoOpTracer()) is None
     assert _spans.finished_spans(trace.get_tracer("penwatch")) is None  # the global proxy
+
+
+def test_spans_of_records_never_written_end_at_close_or_when_the_sink_drops_them(memory):
+    # begin_step opens a span on the dispatch thread; a record the sink's buffer dropped
+    # (past max_pending) or never wrote before close still ends its span, once
+    from penwatch.schema import RunInfo, StepRecord
+
+    provider, exporter = memory
+    sink = pw.sinks.OpenTelemetry(provider)
+    sink.max_pending = 2
+    sink.open(RunInfo(run="r", process=0, version="0", backend="cpu", devices=1, started_at=0.0))
+
+    def record(step: int) -> StepRecord:
+        values = {"l1": 1.0, "l1_weight": 0.5, "l1_weighted": 0.5}
+        return StepRecord(run="r", process=0, step=step, pipeline="p", wall_time=1.0,
+                          values=values, ready_at_ns=2_000_000_000)  # fmt: skip
+
+    ids = [sink.begin_step(record(step)) for step in range(4)]
+    dropped = sorted(s.attributes["penwatch.step"] for s in exporter.get_finished_spans())
+    assert dropped == [0, 1]  # the two oldest, past max_pending
+    sink.write_step(record(3))
+    sink.close()
+    spans = {s.attributes["penwatch.step"]: s for s in exporter.get_finished_spans()}
+    assert sorted(spans) == [0, 1, 2, 3]
+    assert [spans[step].context.trace_id for step in range(4)] == ids
+    assert all(s.end_time >= s.start_time for s in spans.values())
+    sink.close()  # nothing left to end twice
+    assert len(exporter.get_finished_spans()) == 4
