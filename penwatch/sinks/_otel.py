@@ -9,7 +9,9 @@ Each record becomes a span ``penwatch.train_step`` (a train step's metrics) or
 ``max(dispatch, previous step ready)`` to when the worker saw its results ready
 (SPEC section 6). The monitor opens the span before
 fanning out (:meth:`OpenTelemetry.begin_step`), so its trace id reaches the Prometheus
-histogram as an exemplar and alert events land on it.
+histogram as an exemplar and alert events land on it. An SDK tracer's processors get
+each span whole when its record is written (:mod:`penwatch.sinks._spans`); any other
+tracer goes through ``start_span`` and ``end``.
 """
 
 from __future__ import annotations
@@ -129,11 +131,11 @@ class OpenTelemetry(Sink):
         if self._spans is None:
             raise RuntimeError("penwatch.sinks.OpenTelemetry: used before open")
         start = record.started_at_ns or int(record.wall_time * 1e9)
-        # The step's values go in at the start (the SDK validates attributes on every
-        # call: one pass instead of two) when the last span was sampled, so that an
-        # unconfigured (no-op) or unsampling tracer costs no attribute building. The
-        # record's identity goes in last: an SDK over its attribute limit drops the
-        # oldest.
+        # The step's values go in at the start (the sampler sees them, as start_span's
+        # would; the SDK's live span validates attributes on every call: one pass
+        # instead of two) when the last span was sampled, so that an unconfigured
+        # (no-op) or unsampling tracer costs no attribute building. The record's
+        # identity goes in last: an SDK over its attribute limit drops the oldest.
         attributes = self._step_attributes(record) if self._sampled else {}
         attributes["penwatch.run"] = record.run
         attributes["penwatch.process"] = record.process
