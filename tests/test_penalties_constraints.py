@@ -179,6 +179,84 @@ def test_zero_row_gives_finite_zero_gradient():
     # spectral: the zero row puts the eigenvalue 0 in G, whose deviation 1 is constant
 
 
+# --- tall matrices: soft and hard from the d x d Gram ---------------------------------
+
+
+def _tall(shape, zero_rows=(), seed=11):
+    x = np.random.default_rng(seed).normal(size=shape)
+    x[list(zero_rows)] = 0.0
+    return x
+
+
+def _orth_direct(v, mode):
+    """The n x n definition in jnp (the reference for gradients, in float64)."""
+    nonzero = jnp.any(v != 0, axis=-1, keepdims=True)
+    safe = jnp.where(nonzero, v, 1.0)  # no NaN gradient through a zero row's norm
+    m = jnp.where(
+        nonzero, safe / jnp.maximum(jnp.linalg.norm(safe, axis=-1, keepdims=True), 1e-8), 0.0
+    )
+    g = m @ m.T
+    eye = jnp.eye(len(g))
+    return jnp.sum((g * (1 - eye)) ** 2 if mode == "soft" else (g - eye) ** 2)
+
+
+TALL = [((8, 4), ()), ((9, 4), (3,)), ((40, 8), (0, 5, 39)), ((64, 3), ())]
+
+
+@pytest.mark.parametrize("shape, zero_rows", TALL)
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_tall_normalized_rows_match_the_reference(shape, zero_rows, mode):
+    x = _tall(shape, zero_rows)
+    want = orth_ref(x, mode, True, "rows")
+    with jax.enable_x64(True):
+        got = pw.orthogonality(x, mode=mode)
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        grad = jax.grad(lambda v: pw.orthogonality(v, mode=mode))(jnp.asarray(x))
+        ref_grad = jax.grad(lambda v: _orth_direct(v, mode))(jnp.asarray(x))
+        np.testing.assert_allclose(grad, ref_grad, rtol=1e-9, atol=1e-12)
+    got32 = jax.jit(lambda v: pw.orthogonality(v, mode=mode))(x.astype(np.float32))
+    np.testing.assert_allclose(got32, want, rtol=2e-6)
+    np.testing.assert_array_equal(
+        np.asarray(grad)[list(zero_rows)], 0.0
+    )  # an exactly-zero row keeps a zero gradient
+
+
+def test_tall_path_builds_no_n_by_n_matrix():
+    # the promise of docs/penalties.md: no [n, n] Gram for n >= 2d normalized rows,
+    # the n x n one otherwise (normalize=False, or n < 2d)
+    def shapes(x, **options):
+        jaxpr = jax.make_jaxpr(lambda v: pw.orthogonality(v, **options))(x)
+        return {tuple(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars}
+
+    tall = jnp.ones((64, 8))
+    assert (64, 64) not in shapes(tall) and (8, 8) in shapes(tall)
+    assert (64, 64) not in shapes(tall, mode="hard")
+    assert (64, 64) in shapes(tall, normalize=False)
+    assert (15, 15) in shapes(jnp.ones((15, 8)))
+
+
+def test_tall_orthonormal_rows_padded_with_zeros():
+    # k orthonormal rows among zero rows: soft is 0 (clamped, never negative) and hard
+    # counts the zero rows
+    q, _ = np.linalg.qr(np.random.default_rng(12).normal(size=(6, 6)))
+    x = np.zeros((30, 6), np.float32)
+    x[[1, 7, 8, 20, 21, 29]] = q
+    soft = float(pw.orthogonality(x))
+    assert 0.0 <= soft < 1e-5
+    assert float(pw.orthogonality(x, mode="hard")) == pytest.approx(24.0, abs=1e-4)
+
+
+def test_tall_path_under_vmap_and_jit():
+    x = np.stack([_tall((24, 4), (2,), seed=s) for s in range(3)]).astype(np.float32)
+    fn = jax.jit(jax.vmap(jax.value_and_grad(pw.orthogonality)))
+    values, grads = fn(x)
+    for i in range(3):
+        np.testing.assert_allclose(values[i], orth_ref(x[i], "soft", True, "rows"), rtol=2e-6)
+        with jax.enable_x64(True):
+            ref = jax.grad(lambda v: _orth_direct(v, "soft"))(jnp.asarray(x[i], jnp.float64))
+        np.testing.assert_allclose(grads[i], ref, rtol=1e-4, atol=1e-6)
+
+
 # --- consistency ---------------------------------------------------------------------
 
 A = RNG.normal(size=(2, 3, 4))

@@ -88,6 +88,9 @@ def orthogonality(
     is ``2 (λ_k - 1) v_kᵀ dG v_k`` for the maximizing eigenpair (a custom JVP), finite
     everywhere, including at ``G = I`` (where it is 0) and at repeated eigenvalues
     (first order: second derivatives go through the eigenvectors and are not finite at ties).
+    ``soft`` and ``hard`` of normalized rows with ``n >= 2d`` (e.g. activations
+    ``[batch*seq, dim]``) come from the ``d×d`` Gram ``Mᵀ M`` instead of the ``n×n`` one
+    (the same value: ``‖M Mᵀ‖_F = ‖Mᵀ M‖_F``), ``n/d`` times less work.
 
     Axis (how ``M`` is built): for a 3-D ``[batch, seq, dim]`` input ``rows`` →
     ``[batch*seq, dim]``, ``sequence`` → ``[seq, batch*dim]`` (decorrelate positions),
@@ -134,11 +137,37 @@ def orthogonality(
         if n > d:
             out = jnp.maximum(out, 1.0)
         return out.astype(x.dtype)
+    if normalize and n >= 2 * d:
+        return _from_feature_gram(m, mode).astype(x.dtype)
     g = m @ m.T
     eye = jnp.eye(n, dtype=g.dtype)
     target = g * (1.0 - eye) if mode == "soft" else g - eye
     out = jnp.sum(target**2)
     return out.astype(x.dtype)
+
+
+def _from_feature_gram(m: jax.Array, mode: str) -> jax.Array:
+    """``soft``/``hard`` of unit (or zero) rows from the ``d×d`` Gram ``Mᵀ M``, for
+    ``n >= 2d`` rows.
+
+    ``‖M Mᵀ‖_F² = tr(M Mᵀ M Mᵀ) = ‖Mᵀ M‖_F²`` and ``G_ii = ‖m_i‖²``, so
+    ``soft = ‖Mᵀ M‖_F² - Σ_i G_ii²`` and ``hard = ‖Mᵀ M‖_F² - 2 Σ_i G_ii + n``:
+    ``n d²`` multiply-adds forward and back instead of ``n² d``, and no ``n×n`` matrix
+    (value and gradient 9x faster on ``[4096, 512]`` on XLA:CPU). The subtraction costs
+    precision in proportion to ``‖G‖_F² / soft``: with ``k`` unit rows
+    ``soft >= k²/d - k``, so at most a factor 2 when ``k >= 2d``; with many zero rows the
+    absolute error stays at about ``eps * k`` (float32: 1e-4 at ``k = 1000``), and the
+    result is clamped at 0 (docs/penalties.md).
+    """
+    n = m.shape[0]
+    c = m.T @ m
+    frobenius = jnp.sum(c * c)
+    diag = jnp.sum(m * m, axis=1)
+    if mode == "soft":
+        out = frobenius - jnp.sum(diag * diag)
+    else:
+        out = frobenius - 2.0 * jnp.sum(diag) + n
+    return jnp.maximum(out, 0.0)
 
 
 def consistency(
