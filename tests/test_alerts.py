@@ -127,6 +127,49 @@ def test_loss_spike_window_scores_equal_robust_zscore_exactly(size, values):
         assert window.sorted == sorted(window.order)
 
 
+@pytest.mark.parametrize("min_delta", [0.0, 0.05, 1.0])
+@pytest.mark.parametrize("values", ["noisy", "falling", "ties", "flat"])
+def test_loss_spike_fires_where_the_definition_does(min_delta, values):
+    # LossSpike searches for the MAD only when a value rose above the median by at least
+    # min_delta (and by more than 0): its events must be exactly the definition's, the
+    # robust z-score of every value against the window, once per episode
+    rng = np.random.default_rng(7)
+    series = {
+        "noisy": 1.0 + 0.1 * rng.standard_t(2, size=400),  # heavy tails: many spikes
+        "falling": np.exp(-np.arange(400) / 80) + 0.02 * rng.normal(size=400),
+        "ties": rng.integers(0, 4, size=400) / 2.0,
+        "flat": 1.0 + 0.01 * rng.normal(size=400),  # spikes of a few hundredths
+    }[values]
+    series[::37] += 2.0  # spikes above min_delta, among the series' own
+    series = series.tolist()
+    zscore, window = 3.0, 24
+    alert = pw.alerts.LossSpike(zscore=zscore, window=window, min_delta=min_delta)
+    fired = _fired(alert, [_record(i, {"loss": v}) for i, v in enumerate(series)])
+    want, armed = [], True
+    for i, value in enumerate(series):
+        history = series[max(0, i - window) : i]
+        spike = False
+        if len(history) >= alert.min_history:
+            z, median = _score(value, history)
+            spike = z is not None and z > zscore and value - median >= min_delta
+        if spike and armed:
+            want.append(i)
+        armed = not spike
+    assert fired == want
+    assert len(want) >= 5  # the series exercise the scoring
+
+
+@pytest.mark.parametrize("rise, min_delta", [(0.05, 0.05), (1e-3, 0.0)])
+def test_loss_spike_fires_at_the_floor_and_on_tiny_rises(rise, min_delta):
+    # a rise of exactly min_delta fires (>=), and without a floor any rise far above a
+    # tiny spread does: the shortcut past the MAD search must not skip either
+    spread = [1e-5 * (i % 5 - 2) for i in range(15)]  # median 1.0 exactly
+    series = [_record(i, {"loss": 1.0 + d}) for i, d in enumerate(spread)]
+    series.append(_record(15, {"loss": 1.0 + rise}))
+    alert = pw.alerts.LossSpike(zscore=6.0, window=15, min_delta=min_delta, min_history=8)
+    assert _fired(alert, series) == [15]
+
+
 def test_loss_spike_fires_once_per_spike_through_every_sink(tmp_path):
     rng = np.random.default_rng(1)
     losses = list(1.0 + 0.01 * rng.normal(size=60))

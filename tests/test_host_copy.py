@@ -54,8 +54,10 @@ def test_host_copy_equals_np_asarray(value):
         [jnp.arange(3.0), jnp.arange(3, dtype=jnp.int32), jnp.ones(3)],  # one other dtype
         [jnp.arange(12, dtype=jnp.float32).reshape(3, 4)] * 2,  # 2-d: stacked
         [jnp.zeros(SMALL_BYTES // 4 + 1, jnp.float32)] * 2,  # too big: np.asarray
+        [jnp.asarray(i - 1, jnp.int32) for i in range(4)],  # 0-d: one value each
+        [jnp.asarray(i % 2 == 0) for i in range(3)],
     ],
-    ids=["f32", "bool", "bf16", "numpy-row", "mixed-dtype", "2d", "large"],
+    ids=["f32", "bool", "bf16", "numpy-row", "mixed-dtype", "2d", "large", "0d", "0d-bool"],
 )
 def test_host_rows_equal_stacked_np_asarray(values):
     got = host_rows(values)

@@ -486,7 +486,7 @@ def test_values_are_right_when_a_metrics_buffers_come_from_several_computations(
 
 def test_train_step_records_are_built_together_exactly_as_one_by_one():
     """A penwatch train step's Metrics carry its NaN/Inf leaf counts unpacked; runs of
-    them are built together too (the in-step total read per item), and a step whose
+    them are built together too (their in-step totals read in one copy), and a step whose
     total is non-zero is built alone with its leaf report, in order."""
     import optax
 

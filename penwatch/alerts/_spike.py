@@ -76,6 +76,9 @@ class _Window:
         self.order.append(value)
         bisect.insort(self.sorted, value)
 
+    def median(self) -> float:
+        return _median_of_sorted(self.sorted) if self.sorted else math.nan
+
     def score(self, value: float) -> tuple[float | None, float]:
         """``(z, median)`` as :func:`_score` gives them for this window."""
         s, n = self.sorted, len(self.sorted)
@@ -170,8 +173,13 @@ class LossSpike(Alert):
             history = self._history[record.pipeline] = _Window(self.window)
         events = []
         if len(history) >= self.min_history:
-            z, median = history.score(value)
-            spike = z is not None and z > self.zscore and value - median >= self.min_delta
+            # A value at or below the median, or less than min_delta above it, is no
+            # spike whatever the spread (z <= 0 < zscore, or under the floor): the MAD
+            # is searched for only above both (most steps of a falling loss are not).
+            median, z = history.median(), None
+            if value - median > 0.0 and value - median >= self.min_delta:
+                z = history.score(value)[0]
+            spike = z is not None and z > self.zscore
             if self._episodes.update(record.pipeline, spike):
                 events.append(
                     self._event(

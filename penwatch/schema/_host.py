@@ -72,7 +72,7 @@ def _address(array: Any) -> int | None:
 def host_rows(arrays: Sequence[Any]) -> np.ndarray:
     """``np.stack([host_copy(a) for a in arrays])``, copied into one block.
 
-    Each small, ready CPU array of the first one's dtype and 1-d shape is copied by
+    Each small, ready CPU array of the first one's dtype and 0-d or 1-d shape is copied by
     address straight into its row (checked as :func:`host_copy` checks, without a bytes
     object and a NumPy view per array: ≈ 1.4 against ≈ 2.2 µs per 16-float array for the
     dispatcher, which reads every recorded step's buffers this way); any other goes
@@ -83,10 +83,10 @@ def host_rows(arrays: Sequence[Any]) -> np.ndarray:
     """
     first = arrays[0]
     dtype, shape = np.dtype(first.dtype), tuple(first.shape)
-    if len(shape) != 1 or not 0 < shape[0] * dtype.itemsize <= SMALL_BYTES:
+    nbytes = math.prod(shape) * dtype.itemsize
+    if len(shape) > 1 or not 0 < nbytes <= SMALL_BYTES:
         return np.stack([host_copy(a) for a in arrays])
-    nbytes = shape[0] * dtype.itemsize
-    out = np.empty((len(arrays), shape[0]), dtype)
+    out = np.empty((len(arrays), *shape), dtype)
     base = out.ctypes.data
     for i, array in enumerate(arrays):
         address = _address(array) if array.dtype == dtype and array.shape == shape else None

@@ -33,7 +33,7 @@ from penwatch.schema import (
     layout_of,
     leaf_reports,
 )
-from penwatch.schema._host import host_copy
+from penwatch.schema._host import host_copy, host_rows
 from penwatch.sinks import Sink
 from penwatch.telemetry._delivery import SinkWorker
 from penwatch.telemetry._gaps import Gap
@@ -197,8 +197,7 @@ class Dispatch:
         dropped = self.losses()
         unpacked = first.unpacked_keys
         leaf_tree = LEAF_COUNTS in unpacked
-        # every in-step total read first, in one pass (warm, as handle's phases are)
-        alone = [bool(unpacked) and _leaves_or_error(item.payload[0]) for item in run]
+        alone = _reads_leaves_of_run([item.payload[0] for item in run], unpacked)
         for item, row, by_itself in zip(run, rows, alone, strict=True):
             if by_itself:
                 record = self._record(item)  # a bad leaf somewhere: its report, built alone
@@ -377,6 +376,23 @@ def _reads_leaves(entries: Mapping[str, Any]) -> bool:
     count = entries.get(LEAF_COUNT_TOTAL)
     count = None if count is None else _scalar(_materialize(count))
     return count is None or count > 0
+
+
+def _reads_leaves_of_run(run: list[Metrics], unpacked: tuple[str, ...]) -> list[bool]:
+    """:func:`_leaves_or_error` of each ``Metrics`` of a run (one structure, unpacked
+    keys ``unpacked``), their in-step totals read in one host copy (:func:`host_rows`)
+    instead of one each; item by item when that copy fails (one unreadable total)."""
+    if LEAF_COUNTS not in unpacked:
+        return [False] * len(run)
+    if LEAF_COUNT_TOTAL not in unpacked:
+        return [True] * len(run)
+    try:
+        totals = host_rows([metrics[LEAF_COUNT_TOTAL] for metrics in run])
+    except Exception:
+        return [_leaves_or_error(metrics) for metrics in run]
+    if totals.ndim != 1:  # not one scalar each: as _reads_leaves reads (or fails) them
+        return [_leaves_or_error(metrics) for metrics in run]
+    return [total > 0 for total in totals.tolist()]
 
 
 def _leaves_or_error(metrics: Metrics) -> bool:
