@@ -77,7 +77,9 @@ class Episodes:
 
     def update(self, key: Hashable, condition: bool) -> bool:
         """Observe ``condition`` under ``key``; True exactly when the episode fires now."""
-        ep = self._state.setdefault(key, _Episode())
+        ep = self._state.get(key)
+        if ep is None:  # not setdefault: no _Episode built per observation
+            ep = self._state[key] = _Episode()
         if not condition:
             ep.streak, ep.fired = 0, False
             return False
