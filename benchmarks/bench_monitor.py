@@ -21,9 +21,7 @@ to the run (at a ~1.1 ms step, where 200 steps last ~0.2 s, timing stopped at th
 state gave 1.05x and 1,000-step runs 1.09x). Bare and instrumented runs alternate
 (A/B/A/B...), and the median of the per-pair ratios must be within the bar; at ~1.5 ms
 each pair is followed by a run recorded to a monitor with no sinks, whose row (no bar)
-is what the monitor's own work costs (``record``, ready stamps, dispatch, alerts), and by
-one more instrumented run with the heap frozen (``gc.freeze()``, as docs/telemetry.md
-advises: the bare loop triggers no garbage collection, the monitored one does). The process CPU
+is what the monitor's own work costs (``record``, ready stamps, dispatch, alerts). The process CPU
 time ratio (training plus telemetry threads, close included) is printed as well: on a
 shared machine it is a steadier view of what the telemetry costs. ``close()`` (which
 drains the queue and flushes every sink) must return within 0.5 s.
@@ -31,7 +29,6 @@ drains the queue and flushes every sink) must return within 0.5 s.
 
 from __future__ import annotations
 
-import gc
 import os
 import statistics
 import tempfile
@@ -209,7 +206,7 @@ def _run_size(report: Report, label: str, width: int, batch_size: int, bar: floa
     with tempfile.TemporaryDirectory() as tmp:
         db = f"{tmp}/bench.db"
         _instrumented(step_fn, state, batch, db, "warmup")
-        ratios, cpu_ratios, closes, bare_times, alone, frozen = [], [], [], [], [], []
+        ratios, cpu_ratios, closes, bare_times, alone = [], [], [], [], []
         for pair in range(PAIRS):
             bare, bare_cpu = _bare(step_fn, state, batch)
             inst, closing, inst_cpu = _instrumented(step_fn, state, batch, db, f"pair{pair}")
@@ -220,12 +217,6 @@ def _run_size(report: Report, label: str, width: int, batch_size: int, bar: floa
             if label in SINKLESS:
                 run = f"sinkless{pair}"
                 alone.append(_instrumented(step_fn, state, batch, db, run, sinks=False)[0] / bare)
-                gc.freeze()  # what docs/telemetry.md advises once the model is built
-                try:
-                    run = f"frozen{pair}"
-                    frozen.append(_instrumented(step_fn, state, batch, db, run)[0] / bare)
-                finally:
-                    gc.unfreeze()
     step_ms = statistics.median(bare_times) / STEPS * 1e3
     print(f"  bare step ({label}): {step_ms:.2f} ms; ratios {[round(r, 3) for r in ratios]}")
     ratio = statistics.median(ratios)
@@ -245,12 +236,6 @@ def _run_size(report: Report, label: str, width: int, batch_size: int, bar: floa
             f"monitor overhead without sinks (record, ready stamps, dispatch, alerts), "
             f"{step_ms:.1f} ms step",
             statistics.median(alone),
-        )
-    if frozen:
-        report.add(
-            f"monitor overhead with the heap frozen (gc.freeze() after setup), "
-            f"{step_ms:.1f} ms step",
-            statistics.median(frozen),
         )
     worst_close = max(closes)
     report.add(f"monitor close() incl. flush (worst run), {step_ms:.1f} ms step", worst_close,

@@ -64,6 +64,18 @@ def _collect() -> tuple[list[pw.telemetry.StepRecord], list[pw.telemetry.Event],
     return records, events, pw.sinks.Callback(records.append, on_event=events.append)
 
 
+def test_the_monitor_leaves_the_garbage_collector_to_the_application(tmp_path):
+    # docs/telemetry.md advises gc.freeze() after setup and says penwatch never does it
+    import gc
+
+    frozen, enabled = gc.get_freeze_count(), gc.isenabled()
+    with pw.Monitor("gc", sinks=[pw.sinks.SQLite(tmp_path / "gc.db")]) as monitor:
+        for step in range(20):
+            monitor.record(step, pw.Metrics.pack({"loss": jnp.float32(step)}))
+    assert monitor.stats.sinks["SQLite"].written == 20
+    assert gc.get_freeze_count() == frozen and gc.isenabled() == enabled
+
+
 def test_record_returns_before_results_are_ready_and_duration_is_device_time():
     records, _, sink = _collect()
     slow = _SlowScalar(2.0)
