@@ -246,6 +246,17 @@ def test_tall_orthonormal_rows_padded_with_zeros():
     assert float(pw.orthogonality(x, mode="hard")) == pytest.approx(24.0, abs=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_tall_path_of_16_bit_inputs_computes_in_float32(dtype):
+    # 16-bit inputs are upcast first (as on the n x n path): the value is the float32
+    # one, rounded once to the input's dtype
+    x = _tall((64, 8), (5,)).astype(np.float32)
+    got = pw.orthogonality(jnp.asarray(x, dtype))
+    assert got.dtype == dtype
+    want = orth_ref(np.asarray(jnp.asarray(x, dtype), np.float64), "soft", True, "rows")
+    np.testing.assert_allclose(float(got), want, rtol=1e-2)
+
+
 def test_tall_path_under_vmap_and_jit():
     x = np.stack([_tall((24, 4), (2,), seed=s) for s in range(3)]).astype(np.float32)
     fn = jax.jit(jax.vmap(jax.value_and_grad(pw.orthogonality)))
