@@ -40,8 +40,9 @@ __all__ = ["FinishedSpans", "finished_spans"]
 
 _PRIMITIVES = (bool, int, float, str)
 
-# Shared, never changed: each is an object the garbage collector tracks, one per span
-# (and ~20 tracked objects per record in flight set how often it runs on the dispatcher)
+# Shared, never changed: a status and trace flags of its own would give every span in
+# flight two more objects for the garbage collector to track (docs/benchmarks.md, "The
+# garbage collector": the objects a monitored loop holds set how often it runs)
 _UNSET = Status(StatusCode.UNSET)
 _FLAGS = {flags: TraceFlags(flags) for flags in range(256)}
 
