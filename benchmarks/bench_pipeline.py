@@ -11,7 +11,9 @@
   input: ≤ 1.3× (one output buffer per metric made this 3.9-10× on XLA:CPU).
 * Orthogonality of tall matrices (informative, no bar): the soft mode's value and
   gradient on normalized rows ``[n, d]``, ``n >= 2d``, from the ``n×n`` Gram (the
-  definition) vs from the ``d×d`` Gram (what ``orthogonality`` computes there).
+  definition) vs from the ``d×d`` Gram (what ``orthogonality`` computes there); and
+  each Gram's gradient by autodiff vs by its custom JVP (one matrix product back
+  instead of two): the whole ``n×n`` form, and ``‖Mᵀ M‖_F²`` of the ``d×d`` one.
 """
 
 from __future__ import annotations
@@ -125,32 +127,51 @@ ORTHOGONALITY_SHAPES = ((256, 128), (1024, 128), (4096, 512))
 
 
 def _orthogonality_grams(report: Report) -> None:
-    """Value and gradient of ``soft`` on normalized rows from either Gram."""
-    from penwatch.penalties._constraints import from_feature_gram, from_row_gram, normalize_rows
+    """Value and gradient of ``soft`` on normalized rows from either Gram, and each
+    Gram's custom JVP against autodiff of the same function (``custom_jvp.fun``)."""
+    from penwatch.penalties._constraints import (
+        from_feature_gram,
+        from_row_gram,
+        gram_frobenius,
+        normalize_rows,
+    )
 
-    def value_and_grad(gram: Callable[[jax.Array, str], jax.Array]) -> Callable:
-        return jax.jit(jax.value_and_grad(lambda x: gram(normalize_rows(x), "soft")))
+    def value_and_grad(gram: Callable[[jax.Array], jax.Array]) -> Callable:
+        return jax.jit(jax.value_and_grad(lambda x: gram(normalize_rows(x))))
 
-    by_rows, by_features = value_and_grad(from_row_gram), value_and_grad(from_feature_gram)
+    fns = {
+        "rows": value_and_grad(lambda m: from_row_gram(m, "soft")),
+        "features": value_and_grad(lambda m: from_feature_gram(m, "soft")),
+        "rows, autodiff": value_and_grad(lambda m: from_row_gram.fun(m, "soft")),
+        "Frobenius": value_and_grad(gram_frobenius),
+        "Frobenius, autodiff": value_and_grad(gram_frobenius.fun),
+    }
     for shape in ORTHOGONALITY_SHAPES:
         x = jax.random.normal(jax.random.key(2), shape, jnp.float32)
-        (v_rows, g_rows), (v_features, g_features) = by_rows(x), by_features(x)
-        np.testing.assert_allclose(v_features, v_rows, rtol=1e-5)
-        np.testing.assert_allclose(g_features, g_rows, rtol=1e-3, atol=1e-5)
+        out = {name: fn(x) for name, fn in fns.items()}
+        for a, b in (("features", "rows"), ("rows, autodiff", "rows")):
+            np.testing.assert_allclose(out[a][0], out[b][0], rtol=1e-5)
+            np.testing.assert_allclose(out[a][1], out[b][1], rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(out["Frobenius"][1], out["Frobenius, autodiff"][1], rtol=1e-4)
         repeats = 5 if shape[0] >= 4096 else 30
         t = time_interleaved(
-            {"rows": lambda x=x: by_rows(x), "features": lambda x=x: by_features(x)},
+            {name: (lambda fn=fn, x=x: fn(x)) for name, fn in fns.items()},
             repeats=repeats,
             warmup=2,
         )
         label = f"[{shape[0]},{shape[1]}]"
-        report.add(
-            f"orthogonality {label} value and gradient: n x n Gram / d x d Gram",
-            t["rows"] / t["features"],
-            bar="(no bar: informative)",
-        )
+        for name, (a, b) in {
+            "n x n Gram / d x d Gram": ("rows", "features"),
+            "n x n Gram: autodiff / custom JVP": ("rows, autodiff", "rows"),
+            "‖Mᵀ M‖²: autodiff / custom JVP": ("Frobenius, autodiff", "Frobenius"),
+        }.items():
+            report.add(
+                f"orthogonality {label} value and gradient, {name}",
+                t[a] / t[b],
+                bar="(no bar: informative)",
+            )
         for name, seconds in t.items():
-            report.add(f"  time {label}: {name} Gram", 1e3 * seconds, unit=" ms")
+            report.add(f"  time {label}: {name}", 1e3 * seconds, unit=" ms")
 
 
 def _metrics_cost(report: Report) -> None:

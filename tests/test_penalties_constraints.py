@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import hypothesis.extra.numpy as hnp
 import jax
@@ -188,13 +189,14 @@ def _tall(shape, zero_rows=(), seed=11):
     return x
 
 
-def _orth_direct(v, mode):
+def _orth_direct(v, mode, normalize=True):
     """The n x n definition in jnp (the reference for gradients, in float64)."""
-    nonzero = jnp.any(v != 0, axis=-1, keepdims=True)
-    safe = jnp.where(nonzero, v, 1.0)  # no NaN gradient through a zero row's norm
-    m = jnp.where(
-        nonzero, safe / jnp.maximum(jnp.linalg.norm(safe, axis=-1, keepdims=True), 1e-8), 0.0
-    )
+    m = v
+    if normalize:
+        nonzero = jnp.any(v != 0, axis=-1, keepdims=True)
+        safe = jnp.where(nonzero, v, 1.0)  # no NaN gradient through a zero row's norm
+        norm = jnp.maximum(jnp.linalg.norm(safe, axis=-1, keepdims=True), 1e-8)
+        m = jnp.where(nonzero, safe / norm, 0.0)
     g = m @ m.T
     eye = jnp.eye(len(g))
     return jnp.sum((g * (1 - eye)) ** 2 if mode == "soft" else (g - eye) ** 2)
@@ -225,8 +227,10 @@ def test_tall_path_builds_no_n_by_n_matrix():
     # the promise of docs/penalties.md: no [n, n] Gram for n >= 2d normalized rows,
     # the n x n one otherwise (normalize=False, or n < 2d)
     def shapes(x, **options):
-        jaxpr = jax.make_jaxpr(lambda v: pw.orthogonality(v, **options))(x)
-        return {tuple(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars}
+        # every array shape of the lowered program (custom JVPs' bodies included)
+        text = jax.jit(lambda v: pw.orthogonality(v, **options)).lower(x).as_text()
+        found = re.findall(r"tensor<((?:\d+x)+)f32>", text)
+        return {tuple(int(n) for n in dims.rstrip("x").split("x")) for dims in found}
 
     tall = jnp.ones((64, 8))
     assert (64, 64) not in shapes(tall) and (8, 8) in shapes(tall)
@@ -266,6 +270,35 @@ def test_tall_path_under_vmap_and_jit():
         with jax.enable_x64(True):
             ref = jax.grad(lambda v: _orth_direct(v, "soft"))(jnp.asarray(x[i], jnp.float64))
         np.testing.assert_allclose(grads[i], ref, rtol=1e-4, atol=1e-6)
+
+
+# --- soft and hard gradients: one matrix product back (custom JVPs) ------------------
+
+
+@pytest.mark.parametrize(
+    "shape, normalize",
+    [((5, 7), True), ((5, 7), False), ((7, 5), True), ((9, 4), False), ((24, 4), True)],
+)
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_soft_and_hard_gradients_take_one_product_back(shape, normalize, mode):
+    # both Gram forms (n x n, and d x d for n >= 2d normalized rows) differentiate by
+    # their rules 4 T M / 4 M C: the gradient of the definition, first and second order,
+    # from two matrix products where autodiff of the definition takes three
+    x = np.random.default_rng(13).normal(size=shape)
+
+    def fn(v):
+        return pw.orthogonality(v, mode=mode, normalize=normalize)
+
+    def products(f):
+        return str(jax.make_jaxpr(jax.value_and_grad(f))(x.astype(np.float32))).count("dot_general")
+
+    with jax.enable_x64(True):
+        grad = jax.grad(fn)(jnp.asarray(x))
+        ref = jax.grad(lambda v: _orth_direct(v, mode, normalize))(jnp.asarray(x))
+        np.testing.assert_allclose(grad, ref, rtol=1e-12, atol=1e-14)
+        check_grads(fn, (jnp.asarray(x),), order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+    assert products(fn) == 2
+    assert products(lambda v: _orth_direct(v, mode, normalize)) == 3
 
 
 # --- consistency ---------------------------------------------------------------------
