@@ -126,7 +126,9 @@ def run(report: Report) -> None:
 ORTHOGONALITY_SHAPES = ((256, 128), (1024, 128), (4096, 512))
 
 
-def _orthogonality_grams(report: Report) -> None:
+def _orthogonality_grams(
+    report: Report, shapes: tuple[tuple[int, int], ...] = ORTHOGONALITY_SHAPES
+) -> None:
     """Value and gradient of ``soft`` on normalized rows from either Gram, and each
     Gram's custom JVP against autodiff of the same function (``custom_jvp.fun``)."""
     from penwatch.penalties._constraints import (
@@ -146,7 +148,7 @@ def _orthogonality_grams(report: Report) -> None:
         "Frobenius": value_and_grad(gram_frobenius),
         "Frobenius, autodiff": value_and_grad(gram_frobenius.fun),
     }
-    for shape in ORTHOGONALITY_SHAPES:
+    for shape in shapes:
         x = jax.random.normal(jax.random.key(2), shape, jnp.float32)
         out = {name: fn(x) for name, fn in fns.items()}
         for a, b in (("features", "rows"), ("rows, autodiff", "rows")):

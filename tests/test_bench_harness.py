@@ -12,9 +12,10 @@ import sys
 import jax
 import pytest
 
-from benchmarks import bench_monitor
+from benchmarks import bench_monitor, bench_pipeline
 from benchmarks._harness import (
     CpuTimes,
+    Report,
     contention,
     cpu_times,
     nearest_by_ratio,
@@ -103,3 +104,18 @@ def test_make_bench_adds_the_machine_rows_after_each_benchmark(tmp_path):
     ):
         assert f"|   {row} | " in table, row
     assert (tmp_path / "bench_capsule.json").is_file()
+
+
+def test_the_orthogonality_rows_compare_forms_that_agree():
+    # make bench's informative orthogonality rows on small shapes: every form's value and
+    # gradient is checked against the n x n definition before it is timed
+    report = Report()
+    bench_pipeline._orthogonality_grams(report, shapes=((32, 8), (24, 12)))
+    rows = {r.name: r.value for r in report.rows}
+    for label in ("[32,8]", "[24,12]"):
+        for ratio in (
+            "n x n Gram / d x d Gram",
+            "n x n Gram: autodiff / custom JVP",
+            "‖Mᵀ M‖²: autodiff / custom JVP",
+        ):
+            assert rows[f"orthogonality {label} value and gradient, {ratio}"] > 0
