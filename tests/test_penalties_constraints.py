@@ -282,8 +282,8 @@ def test_tall_path_under_vmap_and_jit():
 @pytest.mark.parametrize("mode", ["soft", "hard"])
 def test_soft_and_hard_gradients_take_one_product_back(shape, normalize, mode):
     # both Gram forms (n x n, and d x d for n >= 2d normalized rows) differentiate by
-    # their rules 4 T M / 4 M C: the gradient of the definition, first and second order,
-    # from two matrix products where autodiff of the definition takes three
+    # their rules 4 T M / 4 M C: the gradient of the definition, first and second order
+    # and under vmap, from two matrix products where autodiff of the definition takes three
     x = np.random.default_rng(13).normal(size=shape)
 
     def fn(v):
@@ -297,6 +297,11 @@ def test_soft_and_hard_gradients_take_one_product_back(shape, normalize, mode):
         ref = jax.grad(lambda v: _orth_direct(v, mode, normalize))(jnp.asarray(x))
         np.testing.assert_allclose(grad, ref, rtol=1e-12, atol=1e-14)
         check_grads(fn, (jnp.asarray(x),), order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+        batched = jax.vmap(jax.grad(fn))(jnp.stack([jnp.asarray(x), 2 * jnp.asarray(x)]))
+        np.testing.assert_allclose(batched[0], ref, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(
+            batched[1], jax.grad(fn)(2 * jnp.asarray(x)), rtol=1e-12, atol=1e-14
+        )
     assert products(fn) == 2
     assert products(lambda v: _orth_direct(v, mode, normalize)) == 3
 
