@@ -57,6 +57,15 @@ def test_the_step_size_is_chosen_by_ratio_to_the_target_duration():
     assert nearest_by_ratio([12e-3], 10e-3) == 0
 
 
+def test_a_size_that_ran_off_its_target_is_calibrated_again():
+    # the fifteenth full run: calibrated at 1.57 ms, the ~1.5 ms size ran at 0.99 ms
+    assert bench_monitor.drifted(0.99e-3, 1.5e-3)
+    assert bench_monitor.drifted(2.0e-3, 1.5e-3)
+    assert not bench_monitor.drifted(1.7e-3, 1.5e-3)
+    assert not bench_monitor.drifted(1.25e-3, 1.5e-3)
+    assert not bench_monitor.drifted(9.0e-3, 10e-3)
+
+
 def test_every_step_duration_has_candidate_sizes():
     assert set(bench_monitor.CANDIDATES) == set(bench_monitor.TARGETS)
     # docs/benchmarks.md: four sizes for ~10 ms, six for ~1.5 ms
