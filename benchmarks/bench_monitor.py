@@ -34,6 +34,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -210,19 +211,33 @@ def run(report: Report) -> None:
         _run_size(report, label, bar)
 
 
-def _run_size(report: Report, label: str, bar: float) -> None:
+def settled(label: str, prepare: Callable[[int, int], tuple[float, Any]]) -> Any:
+    """What ``prepare(width, batch)`` returns for the calibrated size of ``label``, once
+    its bare step (``prepare``'s first result, seconds) is not :func:`drifted` off the
+    target; the size is calibrated again at most :data:`RECALIBRATIONS` times."""
     target, _ = TARGETS[label]
-    for attempt in range(RECALIBRATIONS + 1):
+    for _ in range(RECALIBRATIONS):
         width, batch_size = calibrated_size(label)
-        init_fn, step_fn = _build()
-        state = init_fn(_params(jax.random.PRNGKey(0), width))
-        batch = batch_of(batch_size)
-        jax.block_until_ready(step_fn(state, batch))  # compile
-        _bare(step_fn, state, batch)  # warm up
-        step = statistics.median(_bare(step_fn, state, batch)[0] for _ in range(3)) / STEPS
-        if not drifted(step, target) or attempt == RECALIBRATIONS:
-            break
+        step, prepared = prepare(width, batch_size)
+        if not drifted(step, target):
+            return prepared
         print(f"  {label}: W={width} ran at {1e3 * step:.2f} ms after calibration; again")
+    return prepare(*calibrated_size(label))[1]
+
+
+def _prepared(width: int, batch_size: int) -> tuple[float, tuple[Any, ...]]:
+    """The compiled, warmed-up step of one size, and its bare step in seconds."""
+    init_fn, step_fn = _build()
+    state = init_fn(_params(jax.random.PRNGKey(0), width))
+    batch = batch_of(batch_size)
+    jax.block_until_ready(step_fn(state, batch))  # compile
+    _bare(step_fn, state, batch)  # warm up
+    step = statistics.median(_bare(step_fn, state, batch)[0] for _ in range(3)) / STEPS
+    return step, (width, batch_size, step_fn, state, batch)
+
+
+def _run_size(report: Report, label: str, bar: float) -> None:
+    width, batch_size, step_fn, state, batch = settled(label, _prepared)
     with tempfile.TemporaryDirectory() as tmp:
         db = f"{tmp}/bench.db"
         _instrumented(step_fn, state, batch, db, "warmup")

@@ -66,6 +66,20 @@ def test_a_size_that_ran_off_its_target_is_calibrated_again():
     assert not bench_monitor.drifted(9.0e-3, 10e-3)
 
 
+def test_the_monitor_benchmark_calibrates_again_until_the_size_runs_on_target(monkeypatch, capsys):
+    # a size whose bare step then lands off its target is calibrated again (at most twice)
+    chosen = iter([(192, 96), (224, 112), (256, 128)])
+    monkeypatch.setattr(bench_monitor, "calibrated_size", lambda label: next(chosen))
+    steps = {192: 0.99e-3, 224: 1.45e-3, 256: 1.7e-3}
+    got = bench_monitor.settled("~1.5 ms", lambda w, b: (steps[w], (w, b)))
+    assert got == (224, 112)
+    assert "W=192 ran at 0.99 ms after calibration; again" in capsys.readouterr().out
+    # never more than twice: the third size is taken even if it drifted too
+    chosen = iter([(112, 56)] * 3)
+    monkeypatch.setattr(bench_monitor, "calibrated_size", lambda label: next(chosen))
+    assert bench_monitor.settled("~1.5 ms", lambda w, b: (0.5e-3, w)) == 112
+
+
 def test_every_step_duration_has_candidate_sizes():
     assert set(bench_monitor.CANDIDATES) == set(bench_monitor.TARGETS)
     # docs/benchmarks.md: four sizes for ~10 ms, six for ~1.5 ms
