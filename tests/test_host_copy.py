@@ -52,18 +52,46 @@ def test_host_copy_equals_np_asarray(value):
         [jnp.array([1.5, -2.25, jnp.nan, jnp.inf], dtype=jnp.bfloat16) * i for i in range(3)],
         [jnp.arange(4.0) + i for i in range(2)] + [np.arange(4.0, dtype=np.float32)],
         [jnp.arange(3.0), jnp.arange(3, dtype=jnp.int32), jnp.ones(3)],  # one other dtype
-        [jnp.arange(12, dtype=jnp.float32).reshape(3, 4)] * 2,  # 2-d: stacked
+        [jnp.arange(12, dtype=jnp.float32).reshape(3, 4)] * 2,  # 2-d
+        [jax.jit(lambda i: jnp.stack([jnp.arange(5) * i, -jnp.arange(5)], 1))(i) for i in range(3)],
         [jnp.zeros(SMALL_BYTES // 4 + 1, jnp.float32)] * 2,  # too big: np.asarray
         [jnp.asarray(i - 1, jnp.int32) for i in range(4)],  # 0-d: one value each
         [jnp.asarray(i % 2 == 0) for i in range(3)],
     ],
-    ids=["f32", "bool", "bf16", "numpy-row", "mixed-dtype", "2d", "large", "0d", "0d-bool"],
+    ids=[
+        "f32",
+        "bool",
+        "bf16",
+        "numpy-row",
+        "mixed-dtype",
+        "2d",
+        "2d-jit",
+        "large",
+        "0d",
+        "0d-bool",
+    ],
 )
 def test_host_rows_equal_stacked_np_asarray(values):
     got = host_rows(values)
     want = np.stack([np.asarray(v) for v in values])
     assert got.dtype == want.dtype and got.shape == want.shape
     assert got.tobytes() == want.tobytes()  # bit for bit (NaN included)
+
+
+def test_host_rows_copy_2d_arrays_by_address(monkeypatch):
+    """A train step's [n, 2] leaf counts go straight into their rows, as the 1-d
+    buffers do: never through host_copy (whose np.asarray would give up the GIL)."""
+    import penwatch.schema._host as host_module
+
+    counts = jax.jit(lambda i: jnp.stack([jnp.arange(4) + i, jnp.arange(4) * i], 1))
+    arrays = [counts(i) for i in range(5)]
+    jax.block_until_ready(arrays)
+
+    def refuse(array):
+        raise AssertionError("copied through host_copy")
+
+    monkeypatch.setattr(host_module, "host_copy", refuse)
+    np.testing.assert_array_equal(host_rows(arrays), np.stack([np.asarray(a) for a in arrays]))
 
 
 def test_host_rows_refuse_a_deleted_array_and_other_shapes():

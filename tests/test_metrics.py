@@ -74,18 +74,16 @@ def test_keys_keep_insertion_order_and_penalties_travel_as_data():
 def test_reserved_and_non_scalar_values_stay_unpacked():
     leaf = {"params": {"['w']": (jnp.int32(0), jnp.int32(1))}}
     cos = jnp.eye(3)
-    m = pw.Metrics.pack(
-        {"loss": 1.0, "pairwise_cosine": cos, "_leaf_nonfinite": leaf, "_leaf_nonfinite_count": 1}
-    )
+    m = pw.Metrics.pack({"loss": 1.0, "pairwise_cosine": cos, "_leaf_nonfinite": leaf, "_note": 1})
     assert m.scalar_keys == ("loss",)
-    assert set(m.reserved) == {"_leaf_nonfinite", "_leaf_nonfinite_count"}
+    assert set(m.reserved) == {"_leaf_nonfinite", "_note"}
     assert m.reserved["_leaf_nonfinite"] is leaf and m["_leaf_nonfinite"] is leaf
-    assert isinstance(m["_leaf_nonfinite_count"], int)  # not packed, not converted
+    assert isinstance(m["_note"], int)  # not packed, not converted
     assert set(m.arrays) == {"pairwise_cosine"} and m["pairwise_cosine"] is cos
     assert m.scalars() == {"loss": 1.0}
     assert len(m.buffers) == 1
     assert not m.packed_only
-    assert m.unpacked_keys == ("pairwise_cosine", "_leaf_nonfinite", "_leaf_nonfinite_count")
+    assert m.unpacked_keys == ("pairwise_cosine", "_leaf_nonfinite", "_note")
     assert pw.Metrics.pack({"loss": 1.0, "ok": True}).packed_only
     assert not pw.Metrics.pack({"loss": 1.0, "_r": 1}).packed_only
     assert not pw.Metrics.pack({"loss": 1.0, "m": jnp.ones(2)}).packed_only
@@ -311,7 +309,7 @@ def test_device_get_gives_numpy_buffers_with_the_same_values():
 @pytest.mark.parametrize("on_host", [False, True])
 def test_pickle_round_trips(on_host):
     m = pw.Metrics.pack(
-        {**MIXED, "pairwise_cosine": jnp.eye(2), "_leaf_nonfinite_count": jnp.int32(0)},
+        {**MIXED, "pairwise_cosine": jnp.eye(2), "_note": jnp.int32(0)},
         penalties=["f32"],
     )
     if on_host:

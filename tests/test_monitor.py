@@ -346,57 +346,65 @@ def test_record_rejects_a_non_mapping():
         monitor.record(0, [1.0])
 
 
-class _CountingLeaf:
-    """A leaf count whose reads are counted (a stand-in for a device scalar)."""
+def test_a_runs_leaf_counts_are_read_in_one_host_copy(monkeypatch):
+    """docs/ARCHITECTURE.md: a train step's per-leaf NaN/Inf counts are one array per
+    step; the dispatcher reads a batch's arrays in one host copy and builds the leaf
+    report of the steps whose counts are not all zero, those alone."""
+    import optax
 
-    reads = 0
+    import penwatch.telemetry._dispatch as dispatch_module
+    from penwatch.schema import RunInfo
+    from penwatch.telemetry._dispatch import Dispatch
 
-    def __init__(self, value: int) -> None:
-        self.value = value
+    copies: list[int] = []
+    real = dispatch_module.host_rows
 
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        type(self).reads += 1
-        return np.asarray(self.value, dtype=dtype)
+    def counted(arrays):
+        copies.append(len(arrays))
+        return real(arrays)
 
-    def __int__(self) -> int:
-        type(self).reads += 1
-        return self.value
-
-
-@pytest.mark.parametrize("packed", [True, False], ids=["Metrics", "dict"])
-def test_leaf_counts_are_read_only_when_the_in_step_total_is_non_zero(packed):
-    # docs/ARCHITECTURE.md: the monitor reads the per-leaf tree only when the total > 0.
-    _CountingLeaf.reads = 0
-    records: list = []
-
-    def metrics(total: int) -> dict:
-        leaf = {"params": {"['w']": (_CountingLeaf(total), _CountingLeaf(0))}}
-        values = {"l1": 1.0, "l1_weight": 1.0, "_leaf_nonfinite": leaf}
-        values["_leaf_nonfinite_count"] = jnp.int32(total)
-        return pw.Metrics.pack(values) if packed else values
-
-    with pw.Monitor("leaves", sinks=[pw.sinks.Callback(records.append)], alerts=[]) as monitor:
-        for step in range(20):
-            monitor.record(step, metrics(0))
-        monitor.record(20, metrics(3))
-    assert _CountingLeaf.reads == 2  # the two counts of the one bad step, nothing else
-    assert [r.leaves for r in records[:20]] == [()] * 20
-    assert records[20].leaves[0].nan_count == 3
+    monkeypatch.setattr(dispatch_module, "host_rows", counted)
+    init, step = pw.build_train_step(
+        lambda p, x: x @ p["w"], optax.l2_loss, pw.pipeline([("l1", 0.1)]), optax.sgd(0.1)
+    )
+    state = init({"w": jnp.ones((3, 2))})
+    y = jnp.zeros((4, 2))
+    xs = [jnp.full((4, 3), np.nan if i == 20 else 1.0) for i in range(24)]
+    metrics = [step(state, (x, y))[1] for x in xs]
+    jax.block_until_ready(metrics)
+    dispatch = Dispatch(RunInfo("r", 0, "v", "cpu", 1, 0.0), [], [], max_leaves=5)
+    records = list(dispatch._records(_items(metrics)))
+    assert copies == [24]  # the batch's 24 counts arrays, in one copy
+    assert [bool(r.leaves) for r in records] == [i == 20 for i in range(24)]
+    assert {(lf.tree, lf.path) for lf in records[20].leaves} == {
+        ("grads", "['w']"),
+        ("params", "['w']"),  # updated by the NaN gradient
+    }
 
 
-def test_leaf_counts_are_one_array_per_tree_and_read_as_a_mapping():
-    from penwatch.schema import LeafCounts
+def test_leaf_counts_are_one_array_for_every_tree_and_read_as_a_mapping():
+    import pickle
 
-    tree = {"w": jnp.array([1.0, jnp.nan, jnp.inf]), "b": jnp.zeros(2), "n": jnp.arange(3)}
-    out = jax.jit(lambda t: leaf_nonfinite(params=t))(tree)["params"]
-    assert isinstance(out, LeafCounts)
-    assert len(jax.tree_util.tree_leaves(out)) == 1  # one [n, 2] array, not 2 per leaf
-    assert out.counts.shape == (2, 2) and out.counts.dtype == jnp.int32
-    assert set(out) == {"['w']", "['b']"}  # integer leaves are skipped
-    assert [int(c) for c in out["['w']"]] == [1, 1]
+    from penwatch.schema import LeafCounts, TreeLeafCounts
+
+    params = {"w": jnp.array([1.0, jnp.nan, jnp.inf]), "b": jnp.zeros(2), "n": jnp.arange(3)}
+    grads = {"w": jnp.array([jnp.inf, 0.0, 0.0])}
+    out = jax.jit(lambda p, g: leaf_nonfinite(params=p, grads=g))(params, grads)
+    assert isinstance(out, TreeLeafCounts) and list(out) == ["params", "grads"]
+    assert len(jax.tree_util.tree_leaves(out)) == 1  # one [n, 2] array for both trees
+    assert out.counts.shape == (3, 2) and out.counts.dtype == jnp.int32
+    assert isinstance(out["params"], LeafCounts)
+    assert set(out["params"]) == {"['w']", "['b']"}  # integer leaves are skipped
+    assert [int(c) for c in out["params"]["['w']"]] == [1, 1]
+    assert [int(c) for c in out["grads"]["['w']"]] == [0, 1]
+    with pytest.raises(KeyError):
+        out["activations"]
     host = jax.device_get(out)
-    assert isinstance(host, LeafCounts) and isinstance(host.counts, np.ndarray)
-    assert sorted(host.rows()) == [("['b']", 0, 0), ("['w']", 1, 1)]
+    assert isinstance(host, TreeLeafCounts) and isinstance(host.counts, np.ndarray)
+    assert sorted(host["params"].rows()) == [("['b']", 0, 0), ("['w']", 1, 1)]
+    again = pickle.loads(pickle.dumps(host))
+    assert again.trees == host.trees and np.array_equal(again.counts, host.counts)
+    assert TreeLeafCounts.pack({}).counts.shape == (0, 2)
     assert LeafCounts.pack({}).counts.shape == (0, 2)
 
 
@@ -498,8 +506,8 @@ def test_values_are_right_when_a_metrics_buffers_come_from_several_computations(
 
 def test_train_step_records_are_built_together_exactly_as_one_by_one():
     """A penwatch train step's Metrics carry its NaN/Inf leaf counts unpacked; runs of
-    them are built together too (their in-step totals read in one copy), and a step whose
-    total is non-zero is built alone with its leaf report, in order."""
+    them are built together too (their counts read in one copy), and a step with a
+    non-zero count is built alone with its leaf report, in order."""
     import optax
 
     from penwatch.schema import RunInfo
@@ -515,7 +523,7 @@ def test_train_step_records_are_built_together_exactly_as_one_by_one():
     y = jnp.zeros((4, 2))
     xs = [jnp.full((4, 3), v) for v in (1.0, 2.0, np.nan, 3.0, np.inf, 4.0)]
     metrics = [step(state, (x, y))[1] for x in xs]
-    assert metrics[0].unpacked_keys == ("_leaf_nonfinite", "_leaf_nonfinite_count")
+    assert metrics[0].unpacked_keys == ("_leaf_nonfinite",)
     items = _items(metrics)
     dispatch = Dispatch(RunInfo("r", 0, "v", "cpu", 1, 0.0), [], [], max_leaves=5)
     together = list(dispatch._records(items))
@@ -534,6 +542,9 @@ def test_dispatched_buffers_are_deleted_only_when_the_monitor_holds_them_alone()
     def fresh() -> pw.Metrics:
         return pw.Metrics.pack({"a": jnp.float32(1.0), "ok": jnp.bool_(True)})
 
+    def _counts() -> pw.schema.TreeLeafCounts:
+        return pw.telemetry.leaf_nonfinite(params={"w": jnp.ones(2)})
+
     assert _release((fresh(), None, 0)) == 2  # nobody else holds them: both deleted
     kept = fresh()
     assert _release((kept, None, 0)) == 0  # the user's Metrics
@@ -551,6 +562,19 @@ def test_dispatched_buffers_are_deleted_only_when_the_monitor_holds_them_alone()
     assert _release(payload) == 1  # the buffer kept by the user stays
     assert not first.is_deleted() and float(first[0]) == 1.0
     assert _release(({"a": jnp.float32(1.0)}, None, 0)) == 0  # plain mappings: as usual
+    # a train step's leaf counts (one array for both trees) too, unless the user holds them
+    counts = pw.telemetry.leaf_nonfinite(params={"w": jnp.ones(2)}, grads={"w": jnp.ones(2)})
+    assert _release((fresh().merge({"_leaf_nonfinite": counts}), None, 0)) == 2
+    assert not counts.counts.is_deleted()
+    del counts
+    made = pw.telemetry.leaf_nonfinite(params={"w": jnp.ones(2)})
+    payload = (fresh().merge({"_leaf_nonfinite": made}), None, 0)
+    array = made.counts
+    del made
+    assert _release(payload) == 2  # the counts array is still held (by `array`)
+    assert not array.is_deleted()
+    payload = (fresh().merge({"_leaf_nonfinite": _counts()}), None, 0)
+    assert _release(payload) == 3  # both packed buffers and the counts
 
     # end to end: a monitor deletes what the training loop let go, and nothing it kept
     records, _, sink = _collect()

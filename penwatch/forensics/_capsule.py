@@ -45,7 +45,7 @@ import jax
 import numpy as np
 
 from penwatch import _checks
-from penwatch.schema import LEAF_COUNT_TOTAL, LEAF_COUNTS, Metrics, find_nonfinite, layout_of
+from penwatch.schema import LEAF_COUNTS, Metrics, find_nonfinite, layout_of
 from penwatch.schema import leaf_reports as _leaf_reports
 
 __all__ = ["FORMAT", "CapsuleWriter", "capsule_dir_name", "replay_command", "step_report"]
@@ -96,8 +96,8 @@ def _quick_bad(metrics: Any) -> bool:
             host = np.asarray(buf)
             if host.dtype.kind == "f" and not np.isfinite(host).all():
                 return True
-        if LEAF_COUNT_TOTAL in metrics:
-            return bool(np.asarray(metrics[LEAF_COUNT_TOTAL]) > 0)
+        if LEAF_COUNTS in metrics:  # a non-finite leaf whose metrics stayed finite
+            return any(np.asarray(c).any() for c in jax.tree.leaves(metrics[LEAF_COUNTS]))
         return False
     for leaf in jax.tree.leaves(metrics):
         host = np.asarray(leaf)

@@ -10,7 +10,6 @@ from penwatch.schema import _thresholds as thresholds
 from penwatch.schema._keys import BASE_TERM as BASE_TERM
 from penwatch.schema._keys import CAPTURE_QUANTITIES as CAPTURE_QUANTITIES
 from penwatch.schema._keys import GRAM as GRAM
-from penwatch.schema._keys import LEAF_COUNT_TOTAL as LEAF_COUNT_TOTAL
 from penwatch.schema._keys import LEAF_COUNTS as LEAF_COUNTS
 from penwatch.schema._keys import PENALTY_QUANTITIES as PENALTY_QUANTITIES
 from penwatch.schema._keys import RUN_KEYS as RUN_KEYS
@@ -25,6 +24,7 @@ from penwatch.schema._keys import layout_of as layout_of
 from penwatch.schema._keys import penalty_key as penalty_key
 from penwatch.schema._keys import term_key as term_key
 from penwatch.schema._leaves import LeafCounts as LeafCounts
+from penwatch.schema._leaves import TreeLeafCounts as TreeLeafCounts
 from penwatch.schema._metrics import Metrics as Metrics
 from penwatch.schema._nonfinite import describe as describe
 from penwatch.schema._nonfinite import find_nonfinite as find_nonfinite
@@ -47,7 +47,6 @@ __all__ = [
     "CAPTURE_QUANTITIES",
     "GRAM",
     "LEAF_COUNTS",
-    "LEAF_COUNT_TOTAL",
     "PENALTY_QUANTITIES",
     "RUN_KEYS",
     "RUN_STATUSES",
@@ -67,6 +66,7 @@ __all__ = [
     "Slot",
     "StepRecord",
     "TermValues",
+    "TreeLeafCounts",
     "capture_key",
     "describe",
     "find_nonfinite",

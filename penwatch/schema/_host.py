@@ -72,11 +72,12 @@ def _address(array: Any) -> int | None:
 def host_rows(arrays: Sequence[Any]) -> np.ndarray:
     """``np.stack([host_copy(a) for a in arrays])``, copied into one block.
 
-    Each small, ready CPU array of the first one's dtype and 0-d or 1-d shape is copied by
-    address straight into its row (checked as :func:`host_copy` checks, without a bytes
-    object and a NumPy view per array: ≈ 1.4 against ≈ 2.2 µs per 16-float array for the
-    dispatcher, which reads every recorded step's buffers this way); any other goes
-    through :func:`host_copy` (and so raises as it does).
+    Each small, ready CPU array of the first one's dtype and shape (row-major, as
+    :func:`host_copy` reads it) is copied by address straight into its row (checked as
+    :func:`host_copy` checks, without a bytes object and a NumPy view per array: ≈ 1.4
+    against ≈ 2.2 µs per 16-float array for the dispatcher, which reads every recorded
+    step's buffers and ``[n, 2]`` leaf counts this way); any other goes through
+    :func:`host_copy` (and so raises as it does).
 
     Args:
       arrays: one or more arrays (JAX or NumPy).
@@ -84,7 +85,7 @@ def host_rows(arrays: Sequence[Any]) -> np.ndarray:
     first = arrays[0]
     dtype, shape = np.dtype(first.dtype), tuple(first.shape)
     nbytes = math.prod(shape) * dtype.itemsize
-    if len(shape) > 1 or not 0 < nbytes <= SMALL_BYTES:
+    if not 0 < nbytes <= SMALL_BYTES:
         return np.stack([host_copy(a) for a in arrays])
     out = np.empty((len(arrays), *shape), dtype)
     base = out.ctypes.data

@@ -14,7 +14,7 @@ A step's metrics are a flat mapping of string keys:
 * per captured activation ``C`` (``pw.capture``): ``C_dead_fraction`` (:func:`capture_key`);
 * run level: :data:`RUN_KEYS` (``total``, ``loss``, ``base_loss``, ...);
 * keys starting with ``_`` are reserved (not metrics): :data:`LEAF_COUNTS` carries the
-  in-step per-leaf NaN/Inf counts and :data:`LEAF_COUNT_TOTAL` their total.
+  in-step per-leaf NaN/Inf counts.
 
 This module is the only place that knows the suffixes. Builders name keys with
 :func:`penalty_key` / :func:`term_key`; readers get a :class:`Layout` (parsed once per
@@ -33,7 +33,6 @@ __all__ = [
     "CAPTURE_QUANTITIES",
     "GRAM",
     "LEAF_COUNTS",
-    "LEAF_COUNT_TOTAL",
     "PENALTY_QUANTITIES",
     "RUN_KEYS",
     "TERM_QUANTITIES",
@@ -89,10 +88,8 @@ BASE_TERM = "base"
 """The gradient term of the task loss."""
 
 LEAF_COUNTS = "_leaf_nonfinite"
-"""Reserved key: ``{tree: {path: (nan_count, inf_count)}}`` computed inside the step."""
-
-LEAF_COUNT_TOTAL = "_leaf_nonfinite_count"
-"""Reserved key: the int32 total of :data:`LEAF_COUNTS` (leaves are read only when > 0)."""
+"""Reserved key: ``{tree: {path: (nan_count, inf_count)}}`` computed inside the step
+(a :class:`~penwatch.schema.TreeLeafCounts`: one array for every tree)."""
 
 Source = Literal["penalty", "gradient", "loss", "total", "other"]
 

@@ -330,6 +330,11 @@ class Metrics(Mapping[str, jax.Array]):
         return self._structure.unpacked_keys
 
     @property
+    def unpacked(self) -> tuple[Any, ...]:
+        """The unpacked values, in :attr:`unpacked_keys` order."""
+        return self._unpacked
+
+    @property
     def packed_only(self) -> bool:
         """True when every entry is a packed scalar (no reserved entries, no arrays):
         :attr:`buffers` then hold all of it."""

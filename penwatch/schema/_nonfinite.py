@@ -65,8 +65,9 @@ def leaf_reports(
        enters the backward pass. Counts never reorder leaves.
 
     Args:
-      leaf_counts: ``{tree: {path: (nan_count, inf_count)}}`` (a :class:`LeafCounts`
-        or a plain mapping per tree) of host numbers, or None.
+      leaf_counts: ``{tree: {path: (nan_count, inf_count)}}`` (a
+        :class:`TreeLeafCounts`, or a :class:`LeafCounts` or a plain mapping per tree)
+        of host numbers, or None.
       max_leaves: how many leaves to keep.
 
     Returns:

@@ -21,7 +21,6 @@ import numpy as np
 from penwatch.alerts import Alert
 from penwatch.diagnostics import suggested_weight_metrics
 from penwatch.schema import (
-    LEAF_COUNT_TOTAL,
     LEAF_COUNTS,
     Event,
     Layout,
@@ -239,7 +238,7 @@ class Dispatch:
         metrics, loss, step = item.payload
         values, reserved, penalties = _host_values(metrics)
         tree = reserved.get(LEAF_COUNTS)
-        leaf_counts = _materialize(tree) if _reads_leaves(reserved) else None
+        leaf_counts = None if tree is None else _materialize(tree)
         explicit = None
         if loss is not None:
             explicit = _scalar(_materialize(loss))
@@ -346,11 +345,9 @@ class _NoLock:
 _NO_LOCK = _NoLock()
 
 
-_BATCHABLE_UNPACKED = frozenset(
-    {(), (LEAF_COUNT_TOTAL,), (LEAF_COUNTS, LEAF_COUNT_TOTAL), (LEAF_COUNT_TOTAL, LEAF_COUNTS)}
-)
+_BATCHABLE_UNPACKED = frozenset({(), (LEAF_COUNTS,)})
 """Unpacked keys a record built in a run may have: none, or a train step's leaf counts
-with their in-step total (read per item, one scalar)."""
+(one ``TreeLeafCounts`` array per step, read for the whole run in one host copy)."""
 
 
 def _batchable(item: Item) -> bool:
@@ -367,41 +364,20 @@ def _batchable(item: Item) -> bool:
     )
 
 
-def _reads_leaves(entries: Mapping[str, Any]) -> bool:
-    """Whether a step's per-leaf NaN/Inf counts are read: only when it has them and its
-    in-step total (one scalar) is non-zero or missing. ``entries``: its reserved entries
-    (or the ``Metrics`` holding them)."""
-    if entries.get(LEAF_COUNTS) is None:
-        return False
-    count = entries.get(LEAF_COUNT_TOTAL)
-    count = None if count is None else _scalar(_materialize(count))
-    return count is None or count > 0
-
-
 def _reads_leaves_of_run(run: list[Metrics], unpacked: tuple[str, ...]) -> list[bool]:
-    """:func:`_leaves_or_error` of each ``Metrics`` of a run (one structure, unpacked
-    keys ``unpacked``), their in-step totals read in one host copy (:func:`host_rows`)
-    instead of one each; item by item when that copy fails (one unreadable total)."""
+    """For each ``Metrics`` of a run (one structure, unpacked keys ``unpacked``), whether
+    its per-leaf NaN/Inf counts hold a non-zero count: such a record is built alone, with
+    its leaf report. The run's counts arrays are read in one host copy
+    (:func:`host_rows`); when they cannot be (counts that are not one
+    ``TreeLeafCounts`` array, shapes that differ, a deleted buffer) every record is
+    built alone, where an error is counted."""
     if LEAF_COUNTS not in unpacked:
         return [False] * len(run)
-    if LEAF_COUNT_TOTAL not in unpacked:
+    try:
+        block = host_rows([metrics[LEAF_COUNTS].counts for metrics in run])
+    except Exception:
         return [True] * len(run)
-    try:
-        totals = host_rows([metrics[LEAF_COUNT_TOTAL] for metrics in run])
-    except Exception:
-        return [_leaves_or_error(metrics) for metrics in run]
-    if totals.ndim != 1:  # not one scalar each: as _reads_leaves reads (or fails) them
-        return [_leaves_or_error(metrics) for metrics in run]
-    return [total > 0 for total in totals.tolist()]
-
-
-def _leaves_or_error(metrics: Metrics) -> bool:
-    """:func:`_reads_leaves` for a record of a run; True when the total cannot be read
-    (the record is then built alone, where the error is counted)."""
-    try:
-        return _reads_leaves(metrics)
-    except Exception:
-        return True
+    return block.reshape(len(run), -1).any(axis=1).tolist()
 
 
 def _host_values(
@@ -465,7 +441,7 @@ def _materialize(tree: Any) -> Any:
     (:func:`~penwatch.schema._host.host_copy`): ``np.asarray`` and ``device_get`` release
     the GIL inside jaxlib, a hand-off to the training thread per array.
     """
-    if isinstance(tree, jax.Array):  # one array (a step's leaf-count total)
+    if isinstance(tree, jax.Array):  # one array (a separately recorded loss)
         return host_copy(tree)
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     first = next((leaf for leaf in leaves if isinstance(leaf, jax.Array)), None)

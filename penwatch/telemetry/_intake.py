@@ -31,7 +31,7 @@ from typing import Any
 
 import jax
 
-from penwatch.schema import Metrics
+from penwatch.schema import Metrics, TreeLeafCounts
 
 logger = logging.getLogger("penwatch.telemetry")
 
@@ -370,36 +370,49 @@ def _wait(payload: Any) -> None:
 
 
 def _release(payload: Any) -> int:
-    """Delete the packed buffers of a dispatched record that only the monitor holds;
-    returns how many.
+    """Delete the device arrays of a dispatched record that only the monitor holds: the
+    packed buffers and a train step's leaf counts; returns how many.
 
     Dropping the last reference to a ``jax.Array`` releases the GIL inside jaxlib: on
     the dispatch thread, a hand-off to the training thread per buffer and a wait to get
     the GIL back (at 10,000 records/s, two per record made the dispatcher and the
     training loop take turns). ``Array.delete()`` frees the device memory without
     releasing the GIL, and the deleted array's own deallocation then costs nothing.
-    Reference counts decide: a ``Metrics`` the user still holds, its ``buffers`` tuple
-    or a buffer kept anywhere are left alone (freed as usual, when the last reference
-    goes).
+    Reference counts decide: a ``Metrics`` the user still holds, its ``buffers`` tuple,
+    its leaf counts or an array kept anywhere are left alone (freed as usual, when the
+    last reference goes).
     """
     if type(payload) is not tuple or type(payload[0]) is not Metrics:
         return 0
     metrics = payload[0]
     if sys.getrefcount(metrics) != 3:  # the payload, this name, getrefcount's argument
         return 0
-    buffers = metrics.buffers
-    if sys.getrefcount(buffers) != 3:  # the Metrics' slot, this name, the argument
-        return 0
     released = 0
-    for buf in buffers:
-        if (
-            isinstance(buf, jax.Array)
-            and not isinstance(buf, jax.core.Tracer)
-            and sys.getrefcount(buf) == 3  # the tuple, the loop name, the argument
-            and not buf.is_deleted()
-        ):
-            buf.delete()
-            released += 1
+    buffers = metrics.buffers
+    if sys.getrefcount(buffers) == 3:  # the Metrics' slot, this name, the argument
+        for buf in buffers:
+            if (
+                isinstance(buf, jax.Array)
+                and not isinstance(buf, jax.core.Tracer)
+                and sys.getrefcount(buf) == 3  # the tuple, the loop name, the argument
+                and not buf.is_deleted()
+            ):
+                buf.delete()
+                released += 1
+    unpacked = metrics.unpacked
+    if unpacked and sys.getrefcount(unpacked) == 3:
+        for value in unpacked:
+            if type(value) is not TreeLeafCounts or sys.getrefcount(value) != 3:
+                continue
+            counts = value.counts  # held by the counts object, this name, the argument
+            if (
+                isinstance(counts, jax.Array)
+                and not isinstance(counts, jax.core.Tracer)
+                and sys.getrefcount(counts) == 3
+                and not counts.is_deleted()
+            ):
+                counts.delete()
+                released += 1
     return released
 
 

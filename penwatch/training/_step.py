@@ -39,7 +39,7 @@ from penwatch.diagnostics import l1_term as _l1_term
 from penwatch.diagnostics import l2_term as _l2_term
 from penwatch.forensics import CapsuleWriter
 from penwatch.penalties import leaf_finite_counts
-from penwatch.schema import LEAF_COUNT_TOTAL, LEAF_COUNTS, LeafCounts, Metrics, penalty_key
+from penwatch.schema import LEAF_COUNTS, Metrics, TreeLeafCounts, penalty_key
 from penwatch.training._loss import flatten_params
 from penwatch.training._order import nearest_loss_order
 from penwatch.training._state import (
@@ -80,12 +80,12 @@ in pipeline order, then the parameter terms):
   ``<term>_update_share`` (SPEC §12);
 * activity steps (``build_activity_train_step``): ``<capture>_dead_fraction``, the
   fraction of a captured activation's units that are zero for the whole batch;
-* ``_leaf_nonfinite`` (not a metric): ``{"params": LeafCounts, "grads": LeafCounts}``,
-  each reading as ``{path: (nan_count, inf_count)}`` over one ``int32[n, 2]`` array
-  (paths from ``jax.tree_util.keystr``, rows nearest the loss first: the reverse of
-  the order in which the forward pass first reads each parameter leaf; params are the
-  updated ones), from which the monitor names the offending leaves, and
-  ``_leaf_nonfinite_count``, their total (the monitor reads the tree only when > 0).
+* ``_leaf_nonfinite`` (not a metric): a ``TreeLeafCounts`` reading as
+  ``{"params": LeafCounts, "grads": LeafCounts}``, each ``{path: (nan_count,
+  inf_count)}`` (paths from ``jax.tree_util.keystr``, rows nearest the loss first: the
+  reverse of the order in which the forward pass first reads each parameter leaf;
+  params are the updated ones), over one ``int32[n, 2]`` array for both trees, from
+  which the monitor names the offending leaves.
 """
 
 PenaltyOn = Literal["outputs", "params"] | Callable[[Any, Any], Any]
@@ -254,15 +254,8 @@ def _make_step(
                 )
             param_counts = _ordered(leaf_finite_counts(new_params), order)
             grad_counts = _ordered(grad_counts, order)
-            # one [n, 2] array per tree, not two scalar buffers per leaf
-            late[LEAF_COUNTS] = {
-                "params": LeafCounts.pack(param_counts),
-                "grads": LeafCounts.pack(grad_counts),
-            }
-            # One scalar the monitor reads first: the per-leaf tree is only read when > 0.
-            late[LEAF_COUNT_TOTAL] = bad + sum(
-                (n + i for n, i in param_counts.values()), jnp.zeros((), jnp.int32)
-            )
+            # one [n, 2] array for both trees, not two scalar buffers per leaf
+            late[LEAF_COUNTS] = TreeLeafCounts.pack({"params": param_counts, "grads": grad_counts})
         # The pipeline's buffers are reused whole; penalty order travels as data.
         penalties = (*pm.penalties, *terms)
         head = Metrics.pack({"loss": loss, "base_loss": base})
