@@ -250,6 +250,8 @@ def demo(args: argparse.Namespace) -> int:
         progress.finish()
         if tracing is not None:
             shutdown_tracing(tracing[0])
+    if status == 0 and monitor.stop_signal == signal.SIGINT:
+        status = 130  # Ctrl-C whose KeyboardInterrupt was swallowed: the loop saw it
     stats = monitor.stats
     print(
         f"penwatch demo: done: {stats.processed} steps recorded, {stats.events} events, "

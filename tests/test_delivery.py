@@ -9,6 +9,7 @@ bounded span-exporter shutdown.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -327,6 +328,31 @@ def test_a_stop_signal_flushes_every_step_and_marks_the_run_stopped(tmp_path, mo
     assert steps[: last + 1] == list(range(last + 1)) and len(steps) in (last + 1, last + 2), err
     (run,) = store.StoreReader(path).runs()
     assert run.status == "stopped", err
+
+
+def test_a_stop_signal_whose_exception_was_swallowed_still_ends_the_loop(tmp_path):
+    """Code a signal interrupts may swallow the KeyboardInterrupt penwatch's handler
+    raises (a demo was seen training on after Ctrl-C under load); the handler also records
+    the signal on every open monitor, and the demo's loop checks ``monitor.stop_signal``
+    each step."""
+    from penwatch._demo import _train
+
+    monitor = pw.Monitor("sig", sinks=[pw.sinks.SQLite(tmp_path / "s.db")], alerts=[])
+    assert monitor.stop_signal is None
+    with contextlib.suppress(KeyboardInterrupt):  # swallowed, as interrupted code may
+        signal.raise_signal(signal.SIGINT)  # the handler runs here, in the main thread
+    assert monitor.stop_signal == signal.SIGINT
+
+    def guard(step: int) -> None:
+        assert step < 3, "the loop did not see the stop signal"
+
+    _train.run(monitor, steps=None, on_step=guard)  # ends at once instead of forever
+    monitor.close()
+    (run,) = store.StoreReader(tmp_path / "s.db").runs()
+    assert run.status == "stopped"
+    later = pw.Monitor("after", sinks=[], alerts=[])  # opened after the signal: unaffected
+    assert later.stop_signal is None
+    later.close()
 
 
 def test_a_killed_process_reads_as_crashed_and_a_live_one_as_running(tmp_path):

@@ -141,7 +141,8 @@ def run(
 
     Args:
       monitor: where the metrics go (never read back on this thread).
-      steps: number of steps, or None to train until ``stop`` is set (or Ctrl-C).
+      steps: number of steps, or None to train until ``stop`` is set or a stop signal
+        arrives (Ctrl-C, SIGTERM; ``monitor.stop_signal``).
       inject_nan_at: the step whose ``orthogonality`` weight is NaN, or None.
       step_delay: seconds to pause between steps (paces a live demo).
       seed: parameter and data seed.
@@ -155,7 +156,8 @@ def run(
     state = init_fn(init_params(jax.random.PRNGKey(seed)))
     batches = make_batches(64, seed=seed)
     for step in range(steps) if steps is not None else itertools.count():
-        if stop is not None and stop.is_set():
+        # a stop signal whose exception the code it interrupted swallowed ends it too
+        if (stop is not None and stop.is_set()) or monitor.stop_signal is not None:
             break
         faulty = step == inject_nan_at
         dispatched = time.time_ns()

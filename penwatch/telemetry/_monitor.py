@@ -128,6 +128,7 @@ class Monitor:
         )
         self._closed = False
         self._status: RunStatus | None = None
+        self._stop_signal: int | None = None
         self._recorded = self._refused = 0
         dispatch.wait_opened(open_timeout)
         weakref.finalize(self, _abandon, self._intake, dispatch, self._close_timeout).atexit = False
@@ -280,8 +281,11 @@ class Monitor:
                 {n: f"{s.written}/{lost[n]}" for n, s in stats.sinks.items()},
             )
 
-    def _mark_stopped(self) -> None:
+    def _mark_stopped(self, signum: int) -> None:
         """Called by the SIGTERM/SIGINT handler: the run ends as ``stopped``."""
+        if self._closed:
+            return
+        self._stop_signal = signum
         if self._status is None:
             self._status = "stopped"
 
@@ -310,6 +314,18 @@ class Monitor:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def stop_signal(self) -> int | None:
+        """The stop signal (SIGTERM or SIGINT) received while this monitor was open, or
+        None.
+
+        penwatch's handler turns the signal into an exception in the main thread, but
+        code the signal interrupts may swallow it (``penwatch demo`` was seen training
+        on after Ctrl-C under load). A training loop that checks ``monitor.stop_signal``
+        each step ends at the next one either way.
+        """
+        return self._stop_signal
 
     @property
     def stats(self) -> MonitorStats:

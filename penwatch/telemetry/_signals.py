@@ -60,7 +60,7 @@ def _handle(signum: int, frame: Any) -> None:
     if signum not in _received:
         _received.append(signum)
     for monitor in list(_MONITORS):
-        monitor._mark_stopped()
+        monitor._mark_stopped(signum)
     previous: Callable[[int, Any], Any] | int | None = _PREVIOUS.get(signum)
     if callable(previous):
         previous(signum, frame)  # e.g. the default SIGINT handler: KeyboardInterrupt
