@@ -13,8 +13,8 @@ One array per step matters to the monitor: it reads every step's counts (one hos
 each, by address) and frees them, and each further device buffer per step costs the
 dispatcher a deletion and, while it waits for its batch, keeps more objects alive for
 the garbage collector. Two trees' arrays and their in-step total (three buffers, a dict
-and two ``LeafCounts``) cost the dispatcher ~65 against ~25 µs per step next to a
-~1.5 ms step (docs/benchmarks.md).
+and two ``LeafCounts``) cost the dispatcher ~66 against ~38 µs per step next to a
+~1.5 ms step, without sinks (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -22,18 +22,12 @@ from typing import Any
 
 logger = logging.getLogger("penwatch.telemetry")
 
-__all__ = ["STOP_SIGNALS", "install", "stopping_signal"]
+__all__ = ["STOP_SIGNALS", "install"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 _MONITORS: weakref.WeakSet[Any] = weakref.WeakSet()
 _PREVIOUS: dict[int, Any] = {}
-_received: list[int] = []
-
-
-def stopping_signal() -> int | None:
-    """The stop signal received by this process, if any."""
-    return _received[0] if _received else None
 
 
 def install(monitor: Any) -> None:
@@ -57,8 +51,6 @@ def install(monitor: Any) -> None:
 
 
 def _handle(signum: int, frame: Any) -> None:
-    if signum not in _received:
-        _received.append(signum)
     for monitor in list(_MONITORS):
         monitor._mark_stopped(signum)
     previous: Callable[[int, Any], Any] | int | None = _PREVIOUS.get(signum)
