@@ -338,10 +338,13 @@ def test_a_stop_signal_whose_exception_was_swallowed_still_ends_the_loop(tmp_pat
     from penwatch._demo import _train
 
     monitor = pw.Monitor("sig", sinks=[pw.sinks.SQLite(tmp_path / "s.db")], alerts=[])
+    closed = pw.Monitor("closed", sinks=[], alerts=[])
+    closed.close()
     assert monitor.stop_signal is None
     with contextlib.suppress(KeyboardInterrupt):  # swallowed, as interrupted code may
         signal.raise_signal(signal.SIGINT)  # the handler runs here, in the main thread
     assert monitor.stop_signal == signal.SIGINT
+    assert closed.stop_signal is None  # only monitors still open are marked
 
     def guard(step: int) -> None:
         assert step < 3, "the loop did not see the stop signal"
@@ -353,6 +356,27 @@ def test_a_stop_signal_whose_exception_was_swallowed_still_ends_the_loop(tmp_pat
     later = pw.Monitor("after", sinks=[], alerts=[])  # opened after the signal: unaffected
     assert later.stop_signal is None
     later.close()
+
+
+def test_the_demo_exits_130_for_a_ctrl_c_its_loop_saw_only_through_the_monitor(
+    tmp_path, monkeypatch
+):
+    """docs/telemetry.md: the demo ends on ``monitor.stop_signal``; a Ctrl-C seen that
+    way (its KeyboardInterrupt swallowed) still exits 130 with the run ``stopped``."""
+    from penwatch import cli
+    from penwatch._demo import _train
+
+    def swallowing_run(monitor, **kwargs):
+        monitor.record(0, {"l1": 1.0, "l1_weight": 1.0, "total": 1.0})
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(_train, "run", swallowing_run)
+    db = tmp_path / "demo.db"
+    args = ["demo", "--no-dashboard", "--metrics-port", "0", "--db", str(db), "--run", "c"]
+    assert cli.main(args) == 130
+    (run,) = store.StoreReader(db).runs()
+    assert run.status == "stopped"
 
 
 def test_a_killed_process_reads_as_crashed_and_a_live_one_as_running(tmp_path):
