@@ -391,29 +391,29 @@ def _release(payload: Any) -> int:
     buffers = metrics.buffers
     if sys.getrefcount(buffers) == 3:  # the Metrics' slot, this name, the argument
         for buf in buffers:
-            if (
-                isinstance(buf, jax.Array)
-                and not isinstance(buf, jax.core.Tracer)
-                and sys.getrefcount(buf) == 3  # the tuple, the loop name, the argument
-                and not buf.is_deleted()
-            ):
-                buf.delete()
-                released += 1
+            released += _delete_alone(buf)
     unpacked = metrics.unpacked
     if unpacked and sys.getrefcount(unpacked) == 3:
         for value in unpacked:
-            if type(value) is not TreeLeafCounts or sys.getrefcount(value) != 3:
-                continue
-            counts = value.counts  # held by the counts object, this name, the argument
-            if (
-                isinstance(counts, jax.Array)
-                and not isinstance(counts, jax.core.Tracer)
-                and sys.getrefcount(counts) == 3
-                and not counts.is_deleted()
-            ):
-                counts.delete()
-                released += 1
+            if type(value) is TreeLeafCounts and sys.getrefcount(value) == 3:
+                counts = value.counts
+                released += _delete_alone(counts)
     return released
+
+
+def _delete_alone(array: Any) -> int:
+    """Delete a concrete ``jax.Array`` that nothing but its one container and the
+    caller's name hold; returns 1 when deleted, else 0."""
+    if (
+        isinstance(array, jax.Array)
+        and not isinstance(array, jax.core.Tracer)
+        # the container, the caller's name, this parameter, getrefcount's argument
+        and sys.getrefcount(array) == 4
+        and not array.is_deleted()
+    ):
+        array.delete()
+        return 1
+    return 0
 
 
 READY_POLL = 0.001
