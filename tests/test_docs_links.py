@@ -47,7 +47,7 @@ def test_slug_follows_githubs_rule():
 def test_relative_links_and_anchors_resolve(doc):
     broken = []
     for target in LINK.findall(doc.read_text()):
-        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto: ...
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # a URL scheme: not a file here
             continue
         path, _, fragment = target.partition("#")
         dest = (doc.parent / path).resolve() if path else doc
