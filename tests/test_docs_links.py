@@ -2,6 +2,7 @@
 heading of it (GitHub's rule: lower case, punctuation but ``-`` and ``_`` dropped,
 spaces to ``-``, ``-1``, ``-2`` ... for repeated headings)."""
 
+import functools
 import pathlib
 import re
 
@@ -21,7 +22,9 @@ def slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
 
 
-def anchors(path: pathlib.Path) -> set[str]:
+@functools.cache
+def anchors(path: pathlib.Path) -> frozenset[str]:
+    """The anchors of a Markdown file's headings (read once per file)."""
     seen: dict[str, int] = {}
     fenced = False
     for line in path.read_text().splitlines():
@@ -31,9 +34,9 @@ def anchors(path: pathlib.Path) -> set[str]:
         if match:
             base = slug(match.group(1))
             seen[base] = seen.get(base, -1) + 1
-    return {
+    return frozenset(
         base if n == 0 else f"{base}-{n}" for base, count in seen.items() for n in range(count + 1)
-    }
+    )
 
 
 def test_slug_follows_githubs_rule():
