@@ -146,6 +146,41 @@ def test_a_one_second_per_write_sink_beside_sqlite_leaves_the_store_complete(tmp
     _check_accounting(stats)  # ...and what it never wrote is counted
 
 
+class _Meeting(pw.sinks.Sink):
+    """A sink whose flush waits (bounded) until every other such sink is flushing too."""
+
+    batch_size, max_delay, flush_interval = 1024, 60.0, 60.0
+
+    def __init__(self, name: str, barrier: threading.Barrier) -> None:
+        self.name, self.barrier = name, barrier
+        self.written: list[int] = []
+        self.met: list[bool] = []
+
+    def write_step(self, record: StepRecord) -> None:
+        self.written.append(record.step)
+
+    def flush(self) -> None:
+        try:
+            self.barrier.wait()
+            self.met.append(True)
+        except threading.BrokenBarrierError:
+            self.met.append(False)
+
+
+def test_flush_asks_every_sink_before_waiting_for_any():
+    """The sinks write and flush side by side: a flush that waited for each sink before
+    asking the next would leave the first alone at the barrier until it broke."""
+    barrier = threading.Barrier(2, timeout=5.0)
+    sinks = [_Meeting("a", barrier), _Meeting("b", barrier)]
+    with pw.Monitor("r", sinks=sinks, alerts=[]) as monitor:
+        for step in range(50):
+            monitor.record(step, _values(step))
+        assert monitor.flush(timeout=20.0)
+        for sink in sinks:
+            assert sink.written == list(range(50)), sink.name
+            assert sink.met == [True], sink.name  # met the other one at its flush
+
+
 def test_an_unreachable_pushgateway_leaves_the_store_complete(tmp_path):
     path = tmp_path / "s.db"
     with socket.socket() as blackhole:  # accepts connections, never answers

@@ -124,16 +124,18 @@ class SinkWorker:
             if before == 0 < after or before < self.batch_size <= after:
                 self._wake.notify()
 
-    def flush(self, timeout: float | None) -> bool:
-        """Wait until everything queued so far was written (or lost) and flushed."""
+    def request_flush(self) -> threading.Event:
+        """Ask the thread to write everything queued so far (or count it lost) and flush
+        the sink; the event is set when it has (at once when closing or sealed)."""
         done = threading.Event()
         with self._lock:
             if self._closing is not None or self._sealed:
-                return True
+                done.set()
+                return done
             self._flush_requests.append(done)
             self._force = True
             self._wake.notify()
-        return done.wait(timeout)
+        return done
 
     def begin_close(self, status: RunStatus) -> threading.Event:
         """Ask the thread to write what is left, then close the sink."""

@@ -233,7 +233,9 @@ class Monitor:
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._intake.drained(_left(deadline)):
             return False
-        return all([w.flush(_left(deadline)) for w in self._dispatch.workers])
+        # every sink is asked first, then waited for: they write side by side
+        requests = [w.request_flush() for w in self._dispatch.workers]
+        return all([done.wait(_left(deadline)) for done in requests])
 
     def close(self, timeout: float | None = None, *, status: RunStatus | None = None) -> bool:
         """Drain the queue, then let every sink write what it holds and close. Idempotent.
