@@ -124,7 +124,7 @@ class SinkWorker:
             if before == 0 < after or before < self.batch_size <= after:
                 self._wake.notify()
 
-    def request_flush(self) -> threading.Event:
+    def begin_flush(self) -> threading.Event:
         """Ask the thread to write everything queued so far (or count it lost) and flush
         the sink; the event is set when it has (at once when closing or sealed)."""
         done = threading.Event()

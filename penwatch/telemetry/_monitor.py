@@ -234,7 +234,7 @@ class Monitor:
         if not self._intake.drained(_left(deadline)):
             return False
         # every sink is asked first, then waited for: they write side by side
-        requests = [w.request_flush() for w in self._dispatch.workers]
+        requests = [w.begin_flush() for w in self._dispatch.workers]
         return all([done.wait(_left(deadline)) for done in requests])
 
     def close(self, timeout: float | None = None, *, status: RunStatus | None = None) -> bool:
